@@ -1,0 +1,63 @@
+"""Config -> objects. The one place that unpacks the run config into plain constructor arguments."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from .config import Config
+from .data import DataError, eval_transform, open_dataset
+from .methods import Method, get_method
+from .models import create_backbone
+
+
+def backbone_fn(cfg: Config):
+    """``drop_path_rate -> backbone`` with the run's name, image size, norm variant and kwargs bound."""
+
+    def make(drop_path_rate: float):
+        return create_backbone(cfg.model.backbone, img_size=cfg.data.image_size, drop_path_rate=drop_path_rate,
+                               norm_before_mlp=cfg.model.norm_before_mlp, **cfg.model.kwargs)
+
+    return make
+
+
+def build_backbone(cfg: Config, drop_path_rate: float = 0.0):
+    return backbone_fn(cfg)(drop_path_rate)
+
+
+def build_method(cfg: Config) -> Method:
+    return get_method(cfg.method.name).from_config(cfg, backbone_fn(cfg))
+
+
+def build_train_dataset(cfg: Config):
+    transform = get_method(cfg.method.name).train_transform(cfg)
+    return open_dataset(cfg.data.train, transform, key="data.train")
+
+
+def build_eval_datasets(cfg: Config, train_transform=None):
+    """(memory/train split, test split) for k-NN and linear probing; both must be labeled."""
+    if not cfg.data.test:
+        raise DataError("data.test is not set: evaluation needs a labeled test split "
+                        "(data.test=<ImageFolder dir or zip>).")
+    tf = eval_transform(cfg.data.image_size, cfg.data.eval_crop_ratio, cfg.data.normalization)
+    train_key = "data.eval_train" if cfg.data.eval_train else "data.train"
+    train = open_dataset(cfg.data.eval_train or cfg.data.train, train_transform or tf, key=train_key)
+    test = open_dataset(cfg.data.test, tf, key="data.test")
+    for key, ds in ((train_key, train), ("data.test", test)):
+        if not ds.has_labels:
+            raise DataError(
+                f"{key}={ds.source} has no class folders, so it cannot be used for evaluation. Point "
+                f"{key} at an ImageFolder tree (<root>/<class>/<image>)"
+                + (" or set data.eval_train to a labeled split" if key == "data.train" else "") + "."
+            )
+    if train.classes != test.classes:
+        raise DataError(f"{train_key} and data.test have different classes ({len(train.classes)} vs "
+                        f"{len(test.classes)}: {train.classes[:5]} vs {test.classes[:5]}).")
+    return train, test
+
+
+def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool = False,
+                drop_last: bool = False, generator: torch.Generator | None = None, sampler=None) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+                      sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0)

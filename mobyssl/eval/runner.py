@@ -1,0 +1,46 @@
+"""Evaluation jobs built from a run config: k-NN and linear probing of a backbone."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import build
+from ..config import Config
+from ..data import linear_train_transform
+from .features import extract_features
+from .knn import knn_classify
+from .linear import linear_probe_fast, linear_probe_full
+
+
+def _features(cfg: Config, backbone: nn.Module, device, amp_dtype, datasets):
+    out = []
+    for ds in datasets:
+        loader = build.make_loader(ds, cfg.knn.batch_size, cfg.data.num_workers, device)
+        out.append(extract_features(backbone, loader, device, amp_dtype))
+    return out
+
+
+def run_knn(cfg: Config, backbone: nn.Module, device: torch.device, amp_dtype=None) -> dict[str, float]:
+    """Weighted k-NN of ``data.test`` against ``data.eval_train`` (or ``data.train``) features."""
+    train, test = build.build_eval_datasets(cfg)
+    (ftr, ytr), (fte, yte) = _features(cfg, backbone, device, amp_dtype, (train, test))
+    return knn_classify(ftr, ytr, fte, yte, cfg.knn.k, cfg.knn.temperature, num_classes=len(train.classes))
+
+
+def run_linear(cfg: Config, backbone: nn.Module, device: torch.device, amp_dtype=None, log=print) -> dict[str, float]:
+    """Linear probe in ``cfg.linear.mode`` (``full``: paper protocol; ``fast``: on cached features)."""
+    lc = cfg.linear
+    if lc.mode == "fast":
+        train, test = build.build_eval_datasets(cfg)
+        (ftr, ytr), (fte, yte) = _features(cfg, backbone, device, amp_dtype, (train, test))
+        return linear_probe_fast(ftr, ytr, fte, yte, len(train.classes), lc.epochs, lc.batch_size, lc.lr,
+                                 lc.lr_ref_batch, lc.momentum, lc.weight_decay, seed=cfg.train.seed, log=log)
+    aug = linear_train_transform(cfg.data.image_size, cfg.data.normalization)
+    train, test = build.build_eval_datasets(cfg, train_transform=aug)
+    batch = min(lc.batch_size, len(train))
+    train_loader = build.make_loader(train, batch, cfg.data.num_workers, device, shuffle=True, drop_last=True,
+                                     generator=torch.Generator().manual_seed(cfg.train.seed))
+    test_loader = build.make_loader(test, cfg.knn.batch_size, cfg.data.num_workers, device)
+    return linear_probe_full(backbone, train_loader, test_loader, len(train.classes), device, amp_dtype,
+                             lc.epochs, lc.lr, lc.lr_ref_batch, lc.momentum, lc.weight_decay, log=log)

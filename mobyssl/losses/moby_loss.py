@@ -1,0 +1,59 @@
+"""MoBY's symmetric contrastive loss with one negative queue per view."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .queue import FeatureQueue
+
+
+def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE with one positive per query and shared negatives.
+
+    Args:
+        query: ``(B, D)`` unit vectors (online predictions).
+        key: ``(B, D)`` unit vectors (target projections), the positive of each query.
+        negatives: ``(K, D)`` unit vectors.
+    Returns:
+        Mean over the batch of ``-log softmax([q.k, q.n_1, ..., q.n_K] / T)[0]``.
+    """
+    pos = (query * key).sum(dim=1, keepdim=True)
+    neg = query @ negatives.t()
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+    return F.cross_entropy(logits, labels)
+
+
+class MoBYLoss(nn.Module):
+    """``InfoNCE(pred_1, target_2, queue_2) + InfoNCE(pred_2, target_1, queue_1)``.
+
+    Owns the two queues (``queue_1`` holds view-1 target projections, ``queue_2`` view-2's); in
+    training mode both are updated after the loss is computed. Inputs are normalised here and the
+    loss is computed in float32 whatever the autocast dtype.
+    """
+
+    def __init__(self, dim: int = 256, queue_size: int = 4096, temperature: float = 0.2):
+        super().__init__()
+        self.temperature = temperature
+        self.queue_1 = FeatureQueue(dim, queue_size)
+        self.queue_2 = FeatureQueue(dim, queue_size)
+
+    def check_batch(self, global_batch: int) -> None:
+        self.queue_1.check_batch(global_batch)
+
+    def forward(self, pred_1: torch.Tensor, pred_2: torch.Tensor,
+                target_1: torch.Tensor, target_2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All inputs ``(B, D)``; targets carry no gradient. Returns ``loss`` and similarity logs."""
+        dtype = self.queue_1.queue.dtype  # float32: the loss never runs in bf16/fp16
+        q1, q2 = (F.normalize(p.to(dtype), dim=1) for p in (pred_1, pred_2))
+        k1, k2 = (F.normalize(t.detach().to(dtype), dim=1) for t in (target_1, target_2))
+        loss = (info_nce(q1, k2, self.queue_2.queue.clone(), self.temperature)
+                + info_nce(q2, k1, self.queue_1.queue.clone(), self.temperature))
+        with torch.no_grad():
+            pos_sim = 0.5 * ((q1 * k2).sum(1).mean() + (q2 * k1).sum(1).mean())
+        if self.training:
+            self.queue_1.enqueue(k1)
+            self.queue_2.enqueue(k2)
+        return {"loss": loss, "pos_sim": pos_sim}

@@ -1,0 +1,7 @@
+"""Self-supervised methods; importing this package registers them."""
+
+from .base import Method
+from .moby import MoBY
+from .registry import METHODS, get_method, register_method
+
+__all__ = ["Method", "MoBY", "METHODS", "get_method", "register_method"]

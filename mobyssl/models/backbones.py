@@ -1,0 +1,139 @@
+"""Backbones from timm, plus small-image presets and MoBY's BatchNorm-before-MLP Swin variant.
+
+The backbone contract is timm's: ``model(x)`` returns pooled features ``(B, num_features)``
+(``num_classes=0``), ``model.forward_features(x)`` returns tokens, and
+``set_grad_checkpointing`` works. Presets are plain timm models with other arguments, so
+their state dicts load in timm with the same arguments.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preset:
+    base: str
+    kwargs: dict = field(default_factory=dict)
+    doc: str = ""
+
+
+# Small-image presets for 32-96 px data. Patch 2 / window 4 Swin keeps a 16x16 token grid at 32 px
+# (like patch 4 at 64 px); patch-4 ViTs keep 64 tokens at 32 px.
+PRESETS: dict[str, Preset] = {
+    "swin_tiny_patch2_window4_32": Preset(
+        "swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4),
+        "Swin-T (28M) for 32 px: patch 2, window 4, 16x16 -> 2x2 token grid."),
+    "swin_mini_patch2_window4_32": Preset(
+        "swin_tiny_patch4_window7_224",
+        dict(img_size=32, patch_size=2, window_size=4, embed_dim=64, depths=(2, 2, 4, 2), num_heads=(2, 4, 8, 16)),
+        "A narrower Swin (embed 64, depths 2-2-4-2, 10M) for 32 px."),
+    "vit_tiny_patch4_32": Preset(
+        "vit_tiny_patch16_224", dict(img_size=32, patch_size=4),
+        "ViT-Tiny (5.4M): width 192, depth 12, patch 4, 64 tokens at 32 px."),
+    "vit_small_patch4_32": Preset(
+        "vit_small_patch16_224", dict(img_size=32, patch_size=4),
+        "ViT-S / DeiT-S (21M): width 384, depth 12, patch 4, 64 tokens at 32 px."),
+    "vit_nano_patch4_32": Preset(
+        "vit_tiny_patch16_224", dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4),
+        "A 0.8M-parameter ViT (width 128, depth 4) for CPU quickstarts and tests."),
+}
+
+# Names the MoBY paper uses, mapped to timm's.
+ALIASES = {
+    "swin_tiny": "swin_tiny_patch4_window7_224",
+    "swin_small": "swin_small_patch4_window7_224",
+    "swin_base": "swin_base_patch4_window7_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+    "vit_tiny": "vit_tiny_patch16_224",
+}
+
+
+class BackboneError(ValueError):
+    """An unknown backbone name or arguments the backbone cannot take."""
+
+
+class TokenBatchNorm(nn.Module):
+    """BatchNorm over the channel (last) dim of ``(..., C)`` tokens: the MoBY-1 norm before Swin's MLP.
+
+    The BatchNorm1d lives in a child so ``nn.SyncBatchNorm.convert_sync_batchnorm`` can swap it.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return self.bn(x.reshape(-1, shape[-1])).reshape(shape)
+
+
+def use_bn_before_mlp(model: nn.Module) -> int:
+    """Replace the LayerNorm before every Swin block's MLP (``norm2``) by ``TokenBatchNorm``."""
+    replaced = 0
+    for name, module in model.named_modules():
+        if type(module).__name__ == "SwinTransformerBlock" and isinstance(getattr(module, "norm2", None), nn.LayerNorm):
+            module.norm2 = TokenBatchNorm(module.norm2.normalized_shape[0])
+            replaced += 1
+    return replaced
+
+
+def available_backbones() -> list[str]:
+    return sorted(PRESETS) + sorted(ALIASES)
+
+
+def resolve_name(name: str) -> tuple[str, dict]:
+    """Backbone name -> (timm model name, preset kwargs)."""
+    if name in PRESETS:
+        return PRESETS[name].base, dict(PRESETS[name].kwargs)
+    name = ALIASES.get(name, name)
+    if name in timm.list_models():
+        return name, {}
+    candidates = available_backbones() + timm.list_models(["swin*", "vit*", "deit*"])
+    close = difflib.get_close_matches(name, candidates, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise BackboneError(
+        f"unknown backbone '{name}' (config key model.backbone).{hint} "
+        "Use a timm model name or a preset listed by `mobyssl backbones`."
+    )
+
+
+def create_backbone(name: str, *, img_size: int | None = None, drop_path_rate: float = 0.0,
+                    norm_before_mlp: str = "ln", **kwargs) -> nn.Module:
+    """A timm backbone without classifier, randomly initialised (nothing is downloaded).
+
+    Args:
+        name: timm model name, MoBY alias (``swin_tiny``, ``deit_small``) or small-image preset.
+        img_size: input resolution; overrides the preset's.
+        drop_path_rate: stochastic depth.
+        norm_before_mlp: ``"ln"`` (default) or ``"bn"`` (MoBY-1; Swin only).
+        kwargs: extra ``timm.create_model`` arguments; they override the preset's.
+    """
+    timm_name, args = resolve_name(name)
+    args.update(kwargs)
+    if img_size is not None:
+        args["img_size"] = img_size
+    try:
+        model = timm.create_model(timm_name, pretrained=False, num_classes=0,
+                                  drop_path_rate=drop_path_rate, **args)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise BackboneError(f"cannot build backbone '{name}' with {args}: {e}") from e
+    if norm_before_mlp == "bn":
+        if use_bn_before_mlp(model) == 0:
+            raise BackboneError(
+                f"model.norm_before_mlp=bn needs a Swin backbone; '{name}' has no Swin blocks. "
+                "Use model.norm_before_mlp=ln."
+            )
+    elif norm_before_mlp != "ln":
+        raise BackboneError(f"model.norm_before_mlp must be 'ln' or 'bn', got {norm_before_mlp!r}")
+    return model
+
+
+def feature_dim(model: nn.Module) -> int:
+    return int(model.num_features)

@@ -1,0 +1,42 @@
+"""Momentum (EMA) target networks."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def cosine_momentum(step: int, total_steps: int, base: float) -> float:
+    """``1 - (1 - base) * (cos(pi * step / total_steps) + 1) / 2``: ``base`` at step 0, 1.0 at the end."""
+    if total_steps <= 0:
+        return base
+    step = min(step, total_steps)
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
+
+
+def make_target(online: nn.Module) -> nn.Module:
+    """A frozen copy of ``online`` (same weights, ``requires_grad=False``)."""
+    target = copy.deepcopy(online)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+def copy_weights(online: nn.Module, target: nn.Module) -> None:
+    """Initialise ``target`` from ``online`` and freeze it; buffers (BN stats) are copied too."""
+    target.load_state_dict(online.state_dict())
+    for p in target.parameters():
+        p.requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
+    """``target = momentum * target + (1 - momentum) * online`` over parameters, in one foreach op."""
+    t_params = [p for p in target.parameters()]
+    o_params = [p.detach() for p in online.parameters()]
+    if len(t_params) != len(o_params):
+        raise ValueError("online and target networks have different parameter lists")
+    torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)

@@ -1,0 +1,1 @@
+"""Pre-training loop, optimizer schedules, checkpoints and run logging."""

@@ -1,0 +1,39 @@
+"""Optimizer parameter groups and per-iteration schedules (precomputed, DINO style)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
+    """Two groups: weights with decay; biases and every 1-D parameter (norms, scales) without."""
+    decay, no_decay = [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                  warmup_start: float = 0.0) -> np.ndarray:
+    """Per-step values: linear ``warmup_start -> base`` over ``warmup_steps``, then cosine ``base -> final``."""
+    warmup_steps = min(warmup_steps, total_steps)
+    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.array([])
+    n = total_steps - warmup_steps
+    t = np.arange(n)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(math.pi * t / max(n, 1)))
+    return np.concatenate([warm, cos])
+
+
+def build_adamw(modules: list[nn.Module], lr: float, weight_decay: float, betas, device: torch.device):
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, betas=tuple(betas), **kwargs)

@@ -1,0 +1,42 @@
+import os
+
+import pytest
+import torch
+
+from mobyssl.config import load_config
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = [
+    "data.num_workers=0",
+    "model.backbone=vit_nano_patch4_32",
+    "model.kwargs={depth: 2}",
+    "method.proj_hidden_dim=64",
+    "method.pred_hidden_dim=64",
+    "method.proj_dim=32",
+    "method.queue_size=128",
+    "train.batch_size=32",
+    "train.epochs=2",
+    "train.warmup_epochs=1",
+    "train.log_every=1",
+    "knn.batch_size=128",
+]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A config that trains a 2-block ViT on the bundled sample in seconds."""
+
+    def make(*overrides):
+        return load_config("quickstart", TINY + [f"output_dir={tmp_path / 'run'}", *overrides])
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,36 @@
+import math
+
+import torch
+from torch import nn
+
+from mobyssl.models.momentum import copy_weights, cosine_momentum, ema_update
+
+
+def test_cosine_momentum_schedule_endpoints_and_midpoint():
+    assert cosine_momentum(0, 100, 0.99) == 0.99
+    assert math.isclose(cosine_momentum(50, 100, 0.99), 0.995)
+    assert cosine_momentum(100, 100, 0.99) == 1.0
+    # k = 25: 1 - 0.01 * (cos(pi/4) + 1) / 2
+    assert math.isclose(cosine_momentum(25, 100, 0.99), 1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)
+    values = [cosine_momentum(k, 100, 0.99) for k in range(101)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+
+
+def test_ema_update_is_momentum_weighted_average():
+    torch.manual_seed(0)
+    online, target = nn.Linear(3, 2), nn.Linear(3, 2)
+    o = [p.clone() for p in online.parameters()]
+    t = [p.clone() for p in target.parameters()]
+    ema_update(online, target, 0.9)
+    for po, pt, new in zip(o, t, target.parameters()):
+        assert torch.allclose(new, 0.9 * pt + 0.1 * po)
+    # The online network is untouched.
+    for po, p in zip(o, online.parameters()):
+        assert torch.equal(po, p)
+
+
+def test_copy_weights_freezes_target():
+    online, target = nn.Linear(3, 2), nn.Linear(3, 2)
+    copy_weights(online, target)
+    assert torch.equal(online.weight, target.weight)
+    assert not any(p.requires_grad for p in target.parameters())

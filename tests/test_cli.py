@@ -1,0 +1,280 @@
+"""The ``mobyssl`` command line, run in-process: exit codes and messages, nothing trained."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mobyssl.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command", ["pretrain", "knn", "linear"])
+def test_subcommand_help_lists_config_keys(capsys, command):
+    with pytest.raises(SystemExit) as ei:
+        main([command, "--help"])
+    assert ei.value.code == 0
+    out = capsys.readouterr().out
+    assert "config keys" in out
+    for key in ("train.epochs = 300", "data.train", "model.backbone", "method.queue_size", "knn.k",
+                "data.aug.blur_prob = [1.0, 0.1]"):
+        assert key in out, key
+    assert "examples:" in out and f"mobyssl {command}" in out
+
+
+@pytest.mark.parametrize("command", ["export", "recipes", "backbones", "methods"])
+def test_other_subcommands_have_help(capsys, command):
+    with pytest.raises(SystemExit) as ei:
+        main([command, "--help"])
+    assert ei.value.code == 0
+    assert f"usage: mobyssl {command}" in capsys.readouterr().out
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run(capsys)
+    assert code == 0
+    for command in ("pretrain", "knn", "linear", "export", "recipes"):
+        assert command in out
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["pretrian"])
+    assert ei.value.code == 2
+    assert "pretrian" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from mobyssl import __version__
+
+    with pytest.raises(SystemExit) as ei:
+        main(["--version"])
+    assert ei.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_python_dash_m_help():
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "mobyssl", "--help"], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: mobyssl" in proc.stdout and "pretrain" in proc.stdout
+
+
+# --------------------------------------------------------------------------- print-config
+
+
+def test_print_config_applies_overrides(capsys):
+    code, out, err = run(capsys, "pretrain", "--print-config", "train.epochs=7")
+    assert code == 0, err
+    assert "epochs: 7" in out
+    cfg = yaml.safe_load(out)
+    assert cfg["train"]["epochs"] == 7
+    assert cfg["model"]["backbone"] == "vit_nano_patch4_32"  # the default recipe is quickstart
+
+
+def test_print_config_with_named_recipe(capsys):
+    code, out, _ = run(capsys, "pretrain", "--config", "moby_swin_tiny_bn_in1k", "--print-config",
+                       "train.lr=2e-3", "train.amp=off")
+    assert code == 0
+    cfg = yaml.safe_load(out)
+    assert cfg["model"]["norm_before_mlp"] == "bn"
+    assert cfg["train"]["epochs"] == 300
+    assert cfg["train"]["lr"] == pytest.approx(2e-3)
+    assert cfg["train"]["amp"] == "off"
+
+
+def test_knn_print_config_with_random_init(capsys):
+    code, out, _ = run(capsys, "knn", "--config", "quickstart", "--random-init", "--print-config", "knn.k=[5]")
+    assert code == 0
+    assert yaml.safe_load(out)["knn"]["k"] == [5]
+
+
+# --------------------------------------------------------------------------- pretrain errors (before training)
+
+
+def test_unknown_key_suggests_closest(capsys, tmp_path):
+    code, out, err = run(capsys, "pretrain", "train.epoch=3", f"output_dir={tmp_path / 'run'}")
+    assert code == 2
+    assert "train.epochs" in err and "mobyssl pretrain: error" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_type_and_bad_choice(capsys, tmp_path):
+    code, _, err = run(capsys, "pretrain", "train.epochs=abc", f"output_dir={tmp_path}")
+    assert code == 2 and "train.epochs" in err and "int" in err
+    code, _, err = run(capsys, "pretrain", "train.amp=fp8", f"output_dir={tmp_path}")
+    assert code == 2 and "train.amp" in err and "'bf16'" in err
+
+
+def test_unknown_recipe(capsys):
+    code, _, err = run(capsys, "pretrain", "--config", "quickstar")
+    assert code == 2 and "'quickstart'" in err
+
+
+def test_invalid_value_is_caught_by_validation(capsys, tmp_path):
+    code, _, err = run(capsys, "pretrain", "train.lr=-1", f"output_dir={tmp_path / 'run'}")
+    assert code == 2 and "train.lr" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_train_data(capsys, tmp_path):
+    code, _, err = run(capsys, "pretrain", "data.train=/nonexistent", f"output_dir={tmp_path / 'run'}")
+    assert code == 2
+    assert "data.train" in err and "/nonexistent" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_folder_without_images(capsys, tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    (data / "readme.txt").write_text("no images here")
+    code, _, err = run(capsys, "pretrain", f"data.train={data}", f"output_dir={tmp_path / 'run'}")
+    assert code == 2
+    assert "data.train" in err and "no images" in err
+
+
+def test_missing_test_data(capsys, tmp_path):
+    code, _, err = run(capsys, "pretrain", f"data.test={tmp_path / 'nope'}", f"output_dir={tmp_path / 'run'}",
+                       "train.device=cpu")
+    assert code == 2 and "data.test" in err
+
+
+def test_unknown_backbone_suggests(capsys, tmp_path):
+    code, _, err = run(capsys, "pretrain", "model.backbone=swin_tinyy", f"output_dir={tmp_path / 'run'}",
+                       "train.device=cpu")
+    assert code == 2
+    assert "swin_tinyy" in err and "model.backbone" in err
+    assert "Did you mean" in err and "'swin_tiny" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_method_suggests(capsys, tmp_path):
+    code, _, err = run(capsys, "pretrain", "method.name=mobi", f"output_dir={tmp_path / 'run'}",
+                       "train.device=cpu")
+    assert code == 2
+    assert "method.name" in err and "'moby'" in err
+
+
+def test_queue_not_multiple_of_batch_fails_before_training(capsys, tmp_path):
+    out_dir = tmp_path / "run"
+    code, out, err = run(capsys, "pretrain", "method.queue_size=1000", "train.batch_size=128",
+                         "data.train=bundled:cifar10-sample-train", f"output_dir={out_dir}",
+                         "train.device=cpu", "data.num_workers=0")
+    assert code == 2
+    assert "method.queue_size=1000" in err and "train.batch_size" in err
+    assert not (out_dir / "checkpoint.pth").exists()
+    assert not (out_dir / "config.yaml").exists()
+    assert "steps/epoch" not in out  # the run banner was never printed
+
+
+def test_batch_larger_than_dataset(capsys, tmp_path):
+    code, _, err = run(capsys, "pretrain", "train.batch_size=2048", "method.queue_size=2048",
+                       f"output_dir={tmp_path / 'run'}", "train.device=cpu")
+    assert code == 2
+    assert "train.batch_size" in err and "1000 images" in err
+
+
+# --------------------------------------------------------------------------- knn / linear / export errors
+
+
+def test_knn_with_garbage_checkpoint_names_the_file(capsys, tmp_path):
+    ckpt = tmp_path / "garbage.pth"
+    ckpt.write_bytes(random.Random(0).randbytes(4096))  # fixed bytes: see the short payloads below
+    code, _, err = run(capsys, "knn", "--checkpoint", str(ckpt))
+    assert code == 2
+    assert str(ckpt) in err and "cannot read checkpoint" in err
+
+
+# Single pickle opcodes that make torch.load raise IndexError (b"." STOP on an empty stack), struct.error
+# (b"J" BININT without its bytes), KeyError (BINGET of a missing memo entry) or UnicodeDecodeError: each
+# must still be reported as an unreadable checkpoint naming the file.
+@pytest.mark.parametrize("payload", [b".", b"J", b"h\x00\x00\x00\x00", b"X\x01\x00\x00\x00\xff"],
+                         ids=["IndexError", "struct.error", "KeyError", "UnicodeDecodeError"])
+def test_knn_with_short_garbage_checkpoint_names_the_file(capsys, tmp_path, payload):
+    ckpt = tmp_path / "garbage.pth"
+    ckpt.write_bytes(payload)
+    code, _, err = run(capsys, "knn", "--checkpoint", str(ckpt))
+    assert code == 2
+    assert str(ckpt) in err
+
+
+def test_knn_with_missing_checkpoint(capsys, tmp_path):
+    code, _, err = run(capsys, "knn", "--checkpoint", str(tmp_path / "missing.pth"))
+    assert code == 2 and "missing.pth" in err and "does not exist" in err
+
+
+def test_knn_without_checkpoint(capsys):
+    code, _, err = run(capsys, "knn")
+    assert code == 2
+    assert "--checkpoint" in err
+
+
+def test_linear_without_checkpoint(capsys):
+    code, _, err = run(capsys, "linear", "linear.mode=fast")
+    assert code == 2 and "--checkpoint" in err
+
+
+def test_knn_checkpoint_that_is_not_a_dict(capsys, tmp_path):
+    import torch
+
+    ckpt = tmp_path / "list.pth"
+    torch.save([1, 2, 3], ckpt)
+    code, _, err = run(capsys, "knn", "--checkpoint", str(ckpt))
+    assert code == 2 and "list.pth" in err
+
+
+def test_export_with_garbage_checkpoint(capsys, tmp_path):
+    ckpt = tmp_path / "garbage.pth"
+    ckpt.write_bytes(b"not a checkpoint" * 50)
+    code, _, err = run(capsys, "export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "out.pth"))
+    assert code == 2 and "garbage.pth" in err
+    assert not (tmp_path / "out.pth").exists()
+
+
+# --------------------------------------------------------------------------- listings
+
+
+def test_recipes_lists_every_recipe_with_its_description(capsys):
+    code, out, _ = run(capsys, "recipes")
+    assert code == 0
+    lines = out.splitlines()
+    from mobyssl.config import list_recipes
+
+    names = list_recipes()
+    assert len(lines) == len(names)
+    for name, line in zip(names, lines):
+        assert line.startswith(name)
+    (qs,) = [line for line in lines if line.startswith("quickstart")]
+    assert "Quickstart" in qs and "#" not in qs  # the first comment line, without its '#'
+
+
+def test_backbones_lists_presets_and_aliases(capsys):
+    code, out, _ = run(capsys, "backbones")
+    assert code == 0
+    assert "vit_nano_patch4_32" in out and "swin_tiny_patch2_window4_32" in out
+    assert "swin_tiny" in out and "swin_tiny_patch4_window7_224" in out
+    assert "deit_small" in out
+
+
+def test_methods_lists_moby(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("moby")]
+    assert len(line.split(None, 1)) == 2  # name and a description

@@ -1,0 +1,385 @@
+"""Recipes, ``base:`` chains, dotted overrides, type and value validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mobyssl.config import (
+    Config,
+    ConfigError,
+    iter_fields,
+    list_recipes,
+    load_config,
+    parse_override,
+    resolve_recipe,
+    to_yaml,
+    validate,
+)
+
+SHIPPED = [
+    "moby_deit_small_in1k",
+    "moby_swin_cifar10",
+    "moby_swin_tiny_bn_in1k",
+    "moby_swin_tiny_in1k",
+    "moby_vit_small_cifar10",
+    "quickstart",
+]
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_list_recipes_has_the_shipped_ones():
+    assert set(SHIPPED) <= set(list_recipes())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_loads_and_validates(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, Config)
+    validate(cfg)
+    assert cfg.output_dir == f"runs/{name}"
+
+
+def test_recipe_by_name_and_by_path_give_the_same_config():
+    path = resolve_recipe("moby_swin_tiny_bn_in1k")
+    assert path.is_file() and path.suffix == ".yaml"
+    assert load_config(str(path)) == load_config("moby_swin_tiny_bn_in1k")
+
+
+def test_base_chain_merges_child_over_parent():
+    bn = load_config("moby_swin_tiny_bn_in1k")
+    assert bn.model.norm_before_mlp == "bn"          # set by the child
+    assert bn.train.epochs == 300                    # inherited from moby_swin_tiny_in1k
+    assert bn.model.backbone == "swin_tiny_patch4_window7_224"
+    assert bn.data.train == "imagenet/train"
+    assert bn.output_dir == "runs/moby_swin_tiny_bn_in1k"
+    assert load_config("moby_swin_tiny_in1k").model.norm_before_mlp == "ln"
+
+
+def test_multi_level_base_chain_deep_merges_nested_sections():
+    # quickstart -> moby_swin_cifar10 -> moby_swin_tiny_in1k
+    q = load_config("quickstart")
+    assert q.model.backbone == "vit_nano_patch4_32"       # quickstart
+    assert q.data.image_size == 32                        # moby_swin_cifar10
+    assert q.data.aug.blur_prob == [0.0, 0.0]             # moby_swin_cifar10, nested two levels deep
+    assert q.data.aug.solarize_prob == [0.0, 0.2]         # moby_swin_tiny_in1k, sibling of the above
+    assert q.train.weight_decay == 0.05                   # moby_swin_tiny_in1k
+    assert q.train.epochs == 30 and q.method.queue_size == 1024
+
+
+def test_user_recipe_file_with_base_by_name_and_by_relative_path(tmp_path):
+    child = tmp_path / "mine.yaml"
+    child.write_text("base: moby_swin_tiny_bn_in1k\ntrain:\n  epochs: 7\nmodel:\n  drop_path_rate: 0.1\n")
+    cfg = load_config(str(child))
+    assert cfg.train.epochs == 7
+    assert cfg.model.norm_before_mlp == "bn"
+    assert cfg.model.drop_path_rate == 0.1
+    assert cfg.train.warmup_epochs == 5  # still from the paper recipe
+
+    grandchild = tmp_path / "sub.yml"
+    grandchild.write_text("base: mine.yaml\nmethod:\n  queue_size: 512\n")
+    cfg2 = load_config(str(grandchild))
+    assert cfg2.train.epochs == 7 and cfg2.method.queue_size == 512 and cfg2.model.norm_before_mlp == "bn"
+
+
+def test_self_including_recipe_is_an_error(tmp_path):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(str(a))
+
+
+def test_invalid_yaml_and_non_mapping_recipes(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(lst))
+
+
+def test_unknown_key_in_recipe_file_is_caught(tmp_path):
+    p = tmp_path / "typo.yaml"
+    p.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        load_config(str(p))
+
+
+def test_missing_recipe_file_path():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/dir/recipe.yaml")
+
+
+def test_unknown_recipe_name_suggests_closest():
+    with pytest.raises(ConfigError) as ei:
+        load_config("moby_swin_tiny_in1")
+    msg = str(ei.value)
+    assert "moby_swin_tiny_in1" in msg
+    assert "Did you mean 'moby_swin_tiny_in1k'" in msg
+    assert "quickstart" in msg  # lists what exists
+
+
+# --------------------------------------------------------------------------- paper defaults
+
+
+def test_paper_recipe_defaults():
+    c = load_config("moby_swin_tiny_in1k")
+    t, m, a = c.train, c.method, c.data.aug
+    assert t.lr == pytest.approx(1e-3) and t.lr_ref_batch == 512 and t.batch_size == 512
+    assert t.weight_decay == pytest.approx(0.05)
+    assert t.warmup_epochs == 5
+    assert t.epochs == 300
+    assert t.clip_grad == pytest.approx(5.0)
+    assert t.warmup_lr == pytest.approx(5e-7) and t.min_lr == pytest.approx(5e-6)
+    assert m.name == "moby"
+    assert m.queue_size == 4096
+    assert m.temperature == pytest.approx(0.2)
+    assert m.momentum == pytest.approx(0.99)
+    assert (m.proj_hidden_dim, m.proj_dim, m.pred_hidden_dim) == (4096, 256, 4096)
+    assert c.model.drop_path_rate == pytest.approx(0.2)
+    assert c.model.target_drop_path_rate == 0.0
+    assert a.blur_prob == [1.0, 0.1]
+    assert a.solarize_prob == [0.0, 0.2]
+    assert a.color_jitter == [0.4, 0.4, 0.2, 0.1]
+    assert a.crop_scale == [0.08, 1.0]
+    assert c.data.image_size == 224 and c.data.eval_crop_ratio == 0.875
+    assert c.model.backbone == "swin_tiny_patch4_window7_224"
+    # The recipe's floats are floats, not YAML strings.
+    assert isinstance(t.lr, float) and isinstance(t.warmup_lr, float)
+
+
+def test_dataclass_defaults_match_paper_recipe():
+    """No recipe at all gives the same paper hyper-parameters (the recipe only names data paths)."""
+    d = load_config(None)
+    p = load_config("moby_swin_tiny_in1k")
+    assert d.train == dataclasses.replace(p.train, knn_every=d.train.knn_every)
+    assert d.method == p.method
+    assert d.model == p.model
+    assert d.data.aug == p.data.aug
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+@pytest.mark.parametrize(
+    "text, key, value",
+    [
+        ("train.epochs=7", "train.epochs", 7),
+        ("train.lr=0.5", "train.lr", 0.5),
+        ("knn.k=[10,20]", "knn.k", [10, 20]),
+        ("data.test=null", "data.test", None),
+        ("output_dir=runs/a=b", "output_dir", "runs/a=b"),  # only the first '=' splits
+        ("model.kwargs={embed_dim: 96}", "model.kwargs", {"embed_dim": 96}),
+    ],
+)
+def test_parse_override(text, key, value):
+    assert parse_override(text) == (key, value)
+
+
+def test_parse_override_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("train.epochs")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("=3")
+
+
+def test_overrides_are_typed():
+    c = load_config("quickstart", [
+        "train.epochs=7", "train.lr=1e-3", "train.warmup_epochs=2", "knn.k=[10,20]",
+        "data.test=null", "train.clip_grad=null", "data.aug.blur_prob=[0.5,0.25]",
+        "model.kwargs={embed_dim: 96}", "train.betas=[0.9,0.95]",
+    ])
+    assert c.train.epochs == 7 and type(c.train.epochs) is int
+    assert c.train.lr == pytest.approx(1e-3) and type(c.train.lr) is float  # YAML 1.1 reads '1e-3' as str
+    assert c.train.warmup_epochs == 2.0 and type(c.train.warmup_epochs) is float
+    assert c.knn.k == [10, 20]
+    assert c.data.test is None
+    assert c.train.clip_grad is None
+    assert c.data.aug.blur_prob == [0.5, 0.25]
+    assert c.model.kwargs == {"embed_dim": 96}
+    assert c.train.betas == [0.9, 0.95]
+    validate(c)
+
+
+def test_override_beats_recipe_and_leaves_siblings():
+    c = load_config("moby_swin_tiny_in1k", ["data.aug.blur_prob=[0.0,0.0]"])
+    assert c.data.aug.blur_prob == [0.0, 0.0]
+    assert c.data.aug.solarize_prob == [0.0, 0.2]
+    assert c.data.train == "imagenet/train"
+
+
+def test_kwargs_override_replaces_rather_than_merges(tmp_path):
+    p = tmp_path / "k.yaml"
+    p.write_text("base: quickstart\nmodel:\n  kwargs: {embed_dim: 64, depth: 2}\n")
+    child = tmp_path / "k2.yaml"
+    child.write_text("base: k.yaml\nmodel:\n  kwargs: {depth: 3}\n")
+    assert load_config(str(child)).model.kwargs == {"depth": 3}
+
+
+def test_amp_off_override_is_the_string_off():
+    # YAML 1.1 reads a bare `off` as False; the Literal field must still accept it.
+    assert load_config("quickstart", ["train.amp=off"]).train.amp == "off"
+    assert load_config("quickstart", ["train.amp=bf16"]).train.amp == "bf16"
+
+
+def test_amp_off_in_recipe_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("base: quickstart\ntrain:\n  amp: off\n")
+    assert load_config(str(p)).train.amp == "off"
+
+
+def test_to_yaml_round_trips_through_a_recipe_file(tmp_path):
+    c = load_config("quickstart", ["train.epochs=7", "train.amp=off", "data.test=null"])
+    p = tmp_path / "dump.yaml"
+    p.write_text(to_yaml(c))
+    assert load_config(str(p)) == c
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", ["train.epoch=3"])
+    msg = str(ei.value)
+    assert "'train.epoch'" in msg
+    assert "did you mean 'train.epochs'" in msg
+
+
+def test_unknown_top_level_section_suggests_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*did you mean 'train'"):
+        load_config("quickstart", ["trian.epochs=3"])
+
+
+def test_unknown_nested_key():
+    with pytest.raises(ConfigError, match=r"data\.aug\.blur_pro.*data\.aug\.blur_prob"):
+        load_config("quickstart", ["data.aug.blur_pro=[1,1]"])
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", ["train.epochs=abc"])
+    msg = str(ei.value)
+    assert "train.epochs" in msg and "expects int" in msg and "'abc'" in msg
+
+
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("train.lr=abc", "train.lr", "float"),
+        ("train.epochs=2.5", "train.epochs", "int"),
+        ("train.epochs=true", "train.epochs", "int"),
+        ("knn.k=5", "knn.k", "a list of int"),
+        ("knn.k=[5,x]", "knn.k[1]", "int"),
+        ("model.kwargs=3", "model.kwargs", "dict"),
+        ("train.clip_grad=big", "train.clip_grad", "float or null"),
+        ("data.aug=3", "data.aug", "mapping"),
+    ],
+)
+def test_more_type_errors(override, key, expected):
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", [override])
+    assert f"'{key}'" in str(ei.value)
+    assert expected in str(ei.value)
+
+
+def test_integral_float_is_accepted_for_int():
+    assert load_config("quickstart", ["train.epochs=4.0"]).train.epochs == 4
+
+
+def test_literal_choice_error_lists_choices():
+    with pytest.raises(ConfigError) as ei:
+        load_config("quickstart", ["train.amp=fp8"])
+    msg = str(ei.value)
+    assert "train.amp" in msg and "'fp8'" in msg
+    for choice in ("'auto'", "'bf16'", "'fp16'", "'off'"):
+        assert choice in msg
+    with pytest.raises(ConfigError, match=r"model\.norm_before_mlp.*'ln', 'bn'"):
+        load_config("quickstart", ["model.norm_before_mlp=gn"])
+    with pytest.raises(ConfigError, match=r"linear\.mode"):
+        load_config("quickstart", ["linear.mode=true"])
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.lr=-1e-3"], "train.lr"),
+        (["train.lr=0"], "train.lr"),
+        (["train.epochs=0"], "train.epochs"),
+        (["train.batch_size=-4"], "train.batch_size"),
+        (["train.epochs=3", "train.warmup_epochs=5"], "train.warmup_epochs"),
+        (["train.warmup_epochs=-1"], "train.warmup_epochs"),
+        (["train.weight_decay=-0.1"], "train.weight_decay"),
+        (["train.betas=[0.9]"], "train.betas"),
+        (["train.clip_grad=0"], "train.clip_grad"),
+        (["data.aug.crop_scale=[0.5,0.2]"], "data.aug.crop_scale"),
+        (["data.aug.crop_scale=[0.0,1.0]"], "data.aug.crop_scale"),
+        (["data.aug.crop_scale=[0.08,1.5]"], "data.aug.crop_scale"),
+        (["data.aug.crop_scale=[0.08]"], "data.aug.crop_scale"),
+        (["data.aug.color_jitter=[0.4,0.4,0.2]"], "data.aug.color_jitter"),
+        (["data.aug.blur_prob=[1.0,1.5]"], "data.aug.blur_prob"),
+        (["data.aug.solarize_prob=[0.2]"], "data.aug.solarize_prob"),
+        (["data.aug.blur_sigma=[2.0,0.1]"], "data.aug.blur_sigma"),
+        (["data.image_size=4"], "data.image_size"),
+        (["data.eval_crop_ratio=1.2"], "data.eval_crop_ratio"),
+        (["data.eval_crop_ratio=0"], "data.eval_crop_ratio"),
+        (["data.normalization=imagenett"], "data.normalization"),
+        (["data.num_workers=-1"], "data.num_workers"),
+        (["model.drop_path_rate=1.0"], "model.drop_path_rate"),
+        (["model.target_drop_path_rate=-0.1"], "model.target_drop_path_rate"),
+        (["method.momentum=1.0"], "method.momentum"),
+        (["method.temperature=0"], "method.temperature"),
+        (["method.queue_size=0"], "method.queue_size"),
+        (["knn.k=[]"], "knn.k"),
+        (["knn.k=[20,0]"], "knn.k"),
+        (["knn.temperature=0"], "knn.temperature"),
+        (["linear.epochs=0"], "linear.epochs"),
+    ],
+)
+def test_validate_names_the_key(overrides, key):
+    cfg = load_config("quickstart", overrides)  # types are fine; the values are not
+    with pytest.raises(ConfigError) as ei:
+        validate(cfg)
+    assert f"'{key}'" in str(ei.value)
+
+
+def test_validate_accepts_edge_values():
+    cfg = load_config("quickstart", [
+        "train.warmup_epochs=30", "train.epochs=30", "data.eval_crop_ratio=1.0",
+        "data.aug.crop_scale=[1.0,1.0]", "data.aug.blur_prob=[0,1]", "train.clip_grad=null",
+        "model.drop_path_rate=0.0",
+    ])
+    validate(cfg)
+
+
+# --------------------------------------------------------------------------- iter_fields
+
+
+def test_iter_fields_covers_canonical_keys():
+    fields = {key: (default, text) for key, default, text in iter_fields()}
+    for key in ("data.train", "data.test", "data.image_size", "model.backbone", "method.name",
+                "train.epochs", "train.batch_size", "train.lr", "output_dir", "data.aug.blur_prob",
+                "knn.k", "linear.mode"):
+        assert key in fields, key
+        assert fields[key][1], f"{key} has no help text"
+    # Leaves only: sections are expanded, never listed themselves.
+    for section in ("data", "data.aug", "model", "method", "train", "knn", "linear"):
+        assert section not in fields
+    assert fields["train.epochs"][0] == 300
+    assert fields["method.name"][0] == "moby"
+
+
+def test_iter_fields_keys_are_all_settable():
+    """Every key --help advertises can be set with a key=value override of its own default."""
+    import json
+
+    overrides = [f"{k}={json.dumps(v)}" for k, v, _ in iter_fields()]
+    cfg = load_config(None, overrides)
+    assert cfg == Config()
