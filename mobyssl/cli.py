@@ -119,6 +119,7 @@ def _cmd_pretrain(args) -> int:
 def _cmd_eval(args) -> int:
     from .build import build_backbone
     from .config import to_yaml, validate
+    from .distributed import init_distributed, is_main_process
     from .eval.runner import run_knn, run_linear
     from .runtime import resolve_amp, resolve_device, seed_everything
     from .train.checkpoint import backbone_state_dict, load_backbone_weights, load_checkpoint
@@ -132,7 +133,7 @@ def _cmd_eval(args) -> int:
         return 0
     validate(cfg)
     seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
+    device = init_distributed(resolve_device(cfg.train.device))
     amp_dtype = resolve_amp(cfg.train.amp, device)
     backbone = build_backbone(cfg, drop_path_rate=0.0)
     if state is not None:
@@ -142,6 +143,8 @@ def _cmd_eval(args) -> int:
         results = run_knn(cfg, backbone, device, amp_dtype)
     else:
         results = run_linear(cfg, backbone, device, amp_dtype)
+    if not is_main_process():
+        return 0
     for k, v in results.items():
         print(f"{k}: {v:.2f}")
     if args.output:
@@ -208,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        from .distributed import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,13 @@
-"""torch.distributed helpers that are no-ops in a single process."""
+"""torch.distributed set-up and helpers; every helper is a no-op in a single process.
+
+Launch with ``torchrun`` (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): NCCL on GPUs,
+gloo on CPU. Without those variables everything runs as one process with no process group.
+"""
 
 from __future__ import annotations
+
+import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -22,6 +29,35 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group torchrun describes (once); returns this process's device."""
+    if not launched_by_torchrun():
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not is_distributed():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return device
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0 (rank order); ``x`` itself in one process."""
@@ -30,3 +66,45 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def gather_variable(x: torch.Tensor) -> torch.Tensor:
+    """Like ``gather_no_grad`` for per-rank tensors whose first dimension differs between ranks."""
+    if not is_distributed():
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)
+
+
+def mean_across_ranks(x: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world_size()
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel under torchrun, ``module`` itself otherwise.
+
+    Buffers are not broadcast each step: queues receive the gathered keys and BatchNorms are
+    synchronised, so they stay identical on every rank without it.
+    """
+    if not is_distributed() or world_size() == 1:
+        return module
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Newer PyTorch renames broadcast_buffers to forward_sync_buffers (buffers are still synced at start).
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)

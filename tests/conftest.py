@@ -24,6 +24,12 @@ TINY = [
 
 
 @pytest.fixture
+def tiny_overrides():
+    """The ``key=value`` overrides behind ``tiny_cfg``, for runs through the command line."""
+    return list(TINY)
+
+
+@pytest.fixture
 def tiny_cfg(tmp_path):
     """A config that trains a 2-block ViT on the bundled sample in seconds."""
 

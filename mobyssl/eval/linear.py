@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .. import distributed as D
 from ..runtime import autocast
-from .features import extract_features
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -68,34 +68,41 @@ def linear_probe_fast(train_feats: torch.Tensor, train_labels: torch.Tensor, tes
     return {"linear_top1": top1, "linear_top5": top5}
 
 
-def linear_probe_full(backbone: nn.Module, train_loader: DataLoader, test_loader: DataLoader, num_classes: int,
-                      device: torch.device, amp_dtype=None, epochs: int = 100, lr: float = 1.0,
-                      lr_ref_batch: int = 512, momentum: float = 0.9, weight_decay: float = 0.0,
-                      log=None) -> dict[str, float]:
-    """The paper's linear protocol on augmented images through the frozen ``backbone``."""
+def linear_probe_full(backbone: nn.Module, train_loader: DataLoader, test_feats: torch.Tensor,
+                      test_labels: torch.Tensor, num_classes: int, device: torch.device, amp_dtype=None,
+                      epochs: int = 100, lr: float = 1.0, lr_ref_batch: int = 512, momentum: float = 0.9,
+                      weight_decay: float = 0.0, log=None) -> dict[str, float]:
+    """The paper's linear protocol on augmented images through the frozen ``backbone``.
+
+    ``train_loader`` yields this rank's images; under torchrun the head's gradients are averaged
+    across ranks (DDP) and the lr follows the global batch. ``test_feats`` ``(M, D)`` are precomputed.
+    """
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
     head = nn.Linear(backbone.num_features, num_classes).to(device)
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
-    base_lr = lr * train_loader.batch_size / lr_ref_batch
+    world = D.world_size()
+    model = D.wrap_ddp(head, device)
+    base_lr = lr * train_loader.batch_size * world / lr_ref_batch
     opt = _sgd(head, base_lr, momentum, weight_decay)
     total, step = epochs * len(train_loader), 0
     t0 = time.time()
     for epoch in range(epochs):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
         for images, y in train_loader:
             _cosine_lr(opt, base_lr, step, total)
             with torch.no_grad(), autocast(device, amp_dtype):
                 f = backbone(images.to(device, non_blocking=True))
-            loss = F.cross_entropy(head(f.float()), y.to(device))
+            loss = F.cross_entropy(model(f.float()), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-        if log:
+        if log and D.is_main_process():
             log(f"linear epoch {epoch + 1}/{epochs}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
-    feats, labels = extract_features(backbone, test_loader, device, amp_dtype)
     with torch.no_grad():
-        top1, top5 = _accuracy(head(feats.to(device)).cpu(), labels)
+        top1, top5 = _accuracy(head(test_feats.to(device)).cpu(), test_labels)
     return {"linear_top1": top1, "linear_top5": top5}

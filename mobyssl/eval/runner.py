@@ -6,18 +6,26 @@ import torch
 from torch import nn
 
 from .. import build
+from .. import distributed as D
 from ..config import Config
 from ..data import linear_train_transform
+from ..data.sampler import GlobalBatchSampler
 from .features import extract_features
 from .knn import knn_classify
 from .linear import linear_probe_fast, linear_probe_full
 
 
 def _features(cfg: Config, backbone: nn.Module, device, amp_dtype, datasets):
+    """Features and labels of each dataset; under torchrun each rank embeds a shard and all gather them."""
     out = []
     for ds in datasets:
-        loader = build.make_loader(ds, cfg.knn.batch_size, cfg.data.num_workers, device)
-        out.append(extract_features(backbone, loader, device, amp_dtype))
+        shard = list(range(D.rank(), len(ds), D.world_size())) if D.is_distributed() else None
+        loader = build.make_loader(ds, cfg.knn.batch_size, cfg.data.num_workers, device, sampler=shard)
+        feats, labels = extract_features(backbone, loader, device, amp_dtype)
+        if D.is_distributed():
+            feats = D.gather_variable(feats.to(device)).cpu()
+            labels = D.gather_variable(labels.to(device)).cpu()
+        out.append((feats, labels))
     return out
 
 
@@ -38,9 +46,10 @@ def run_linear(cfg: Config, backbone: nn.Module, device: torch.device, amp_dtype
                                  lc.lr_ref_batch, lc.momentum, lc.weight_decay, seed=cfg.train.seed, log=log)
     aug = linear_train_transform(cfg.data.image_size, cfg.data.normalization)
     train, test = build.build_eval_datasets(cfg, train_transform=aug)
-    batch = min(lc.batch_size, len(train))
-    train_loader = build.make_loader(train, batch, cfg.data.num_workers, device, shuffle=True, drop_last=True,
-                                     generator=torch.Generator().manual_seed(cfg.train.seed))
-    test_loader = build.make_loader(test, cfg.knn.batch_size, cfg.data.num_workers, device)
-    return linear_probe_full(backbone, train_loader, test_loader, len(train.classes), device, amp_dtype,
-                             lc.epochs, lc.lr, lc.lr_ref_batch, lc.momentum, lc.weight_decay, log=log)
+    world = D.world_size()
+    batch = max(min(lc.batch_size, len(train)) // world, 1)
+    sampler = GlobalBatchSampler(len(train), batch, seed=cfg.train.seed, rank=D.rank(), world_size=world)
+    train_loader = build.make_loader(train, batch, cfg.data.num_workers, device, drop_last=True, sampler=sampler)
+    (test_feats, test_labels), = _features(cfg, backbone, device, amp_dtype, (test,))
+    return linear_probe_full(backbone, train_loader, test_feats, test_labels, len(train.classes), device,
+                             amp_dtype, lc.epochs, lc.lr, lc.lr_ref_batch, lc.momentum, lc.weight_decay, log=log)

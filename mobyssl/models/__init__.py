@@ -1,8 +1,8 @@
 """Backbones and heads."""
 
 from .backbones import (ALIASES, PRESETS, BackboneError, TokenBatchNorm, available_backbones,
-                        create_backbone, feature_dim)
+                        create_backbone, feature_dim, tokens_and_pooled)
 from .heads import MLPHead
 
 __all__ = ["ALIASES", "PRESETS", "BackboneError", "TokenBatchNorm", "available_backbones",
-           "create_backbone", "feature_dim", "MLPHead"]
+           "create_backbone", "feature_dim", "tokens_and_pooled", "MLPHead"]

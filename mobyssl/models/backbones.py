@@ -137,3 +137,13 @@ def create_backbone(name: str, *, img_size: int | None = None, drop_path_rate: f
 
 def feature_dim(model: nn.Module) -> int:
     return int(model.num_features)
+
+
+def tokens_and_pooled(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token features and the pooled feature from one pass, for methods that need both.
+
+    Returns ``(tokens, pooled)``: tokens as timm's ``forward_features`` gives them (``(B, N, C)`` for ViTs,
+    ``(B, H, W, C)`` for Swin) and pooled ``(B, num_features)``, equal to ``model(x)``.
+    """
+    tokens = model.forward_features(x)
+    return tokens, model.forward_head(tokens, pre_logits=True)

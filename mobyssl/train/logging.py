@@ -80,6 +80,8 @@ class Progress:
             print(f"[step {step}/{self.total}] {body}  eta {format_eta(eta)}", flush=True)
 
     def write(self, msg: str) -> None:
+        if not self.enabled:
+            return
         if self.interactive:
             self.bar.write(msg)
         else:

@@ -61,3 +61,15 @@ def test_paper_backbones_build():
         m = create_backbone(name).eval()
         with torch.no_grad():
             assert m(torch.randn(1, 3, 224, 224)).shape == (1, dim)
+
+
+@pytest.mark.parametrize("name", ["vit_nano_patch4_32", "swin_mini_patch2_window4_32"])
+def test_tokens_and_pooled_agree_with_forward(name):
+    from mobyssl.models import tokens_and_pooled
+
+    m = create_backbone(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens, pooled = tokens_and_pooled(m, x)
+        assert torch.allclose(pooled, m(x), atol=1e-5)
+    assert tokens.ndim in (3, 4) and tokens.shape[0] == 2 and tokens.shape[-1] == feature_dim(m)

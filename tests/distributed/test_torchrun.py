@@ -1,0 +1,41 @@
+"""`mobyssl pretrain` under torchrun with 2 CPU processes (gloo), then a resume from its checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def _torchrun(*args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mobyssl", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_torchrun_pretrain_then_resume(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    common = ["pretrain", *tiny_overrides, f"output_dir={run}"]
+    out = _torchrun(*common, "train.max_steps=2", "train.knn_every=-1", cwd=tmp_path)
+    assert "batch 32 (2 x 16)" in out
+    state = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert state["global_step"] == 2
+    assert int(state["method"]["criterion.queue_1.ptr"]) == 64  # 2 steps x global batch 32: keys gathered
+    # BatchNorms were synchronised during training but are saved as plain BatchNorm state.
+    assert "projector.net.1.running_mean" in state["method"]
+
+    out = _torchrun(*common, "train.max_steps=4", "--resume", cwd=tmp_path)
+    assert "resumed from" in out and "knn_top1_k20" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # Only rank 0 writes: each step appears once.
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    knn = [r for r in records if r["type"] == "knn"]
+    assert len(knn) == 1 and 0 <= knn[0]["knn_top1_k20"] <= 100
+    assert torch.load(run / "checkpoint.pth", weights_only=True)["global_step"] == 4
