@@ -48,6 +48,32 @@ def init_distributed(device: torch.device) -> torch.device:
     return device
 
 
+def check_same_config(config: dict) -> None:
+    """Raise on every rank if the ranks were started with different configs (instead of hanging later)."""
+    if not is_distributed():
+        return
+    import json
+
+    mine = json.dumps(config, sort_keys=True)
+    every = [None] * world_size()
+    dist.all_gather_object(every, mine)
+    differing = [r for r, c in enumerate(every) if c != every[0]]
+    if differing:
+        a, b = json.loads(every[0]), json.loads(every[differing[0]])
+        keys = _diff_keys(a, b)
+        raise ValueError(f"ranks {differing} were started with a config that differs from rank 0's "
+                         f"(keys: {', '.join(keys[:5])}); start every rank with the same recipe and overrides.")
+
+
+def _diff_keys(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def shutdown() -> None:
     if is_distributed():
         dist.destroy_process_group()

@@ -82,11 +82,15 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
     world = D.world_size()
     log = log if main else (lambda *a, **k: None)
 
-    # Everything that can be wrong with the input fails here, before any training.
+    # Everything that can be wrong with the input fails here, on every rank, before any training.
+    D.check_same_config(to_dict(cfg))
     batch = cfg.train.batch_size
     if batch % world:
         raise ValueError(f"train.batch_size={batch} is the global batch and must be divisible by the "
                          f"number of processes ({world}); use a multiple of {world}.")
+    if batch // world < 2:
+        raise ValueError(f"train.batch_size={batch} over {world} processes leaves {batch // world} image per "
+                         "process; BatchNorm in the heads needs at least 2. Raise train.batch_size.")
     dataset = build.build_train_dataset(cfg)
     if len(dataset) < batch:
         raise DataError(f"data.train={cfg.data.train} has {len(dataset)} images, fewer than one batch "
