@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from .config import Config
 from .data import DataError, eval_transform, open_dataset
+from .data.training import TrainingDataset
 from .methods import Method, get_method
 from .models import create_backbone
 
@@ -29,9 +30,10 @@ def build_method(cfg: Config) -> Method:
     return get_method(cfg.method.name).from_config(cfg, backbone_fn(cfg))
 
 
-def build_train_dataset(cfg: Config):
+def build_train_dataset(cfg: Config) -> TrainingDataset:
+    """``data.train`` with the method's augmentation, indexed by ``(epoch, index)`` keys."""
     transform = get_method(cfg.method.name).train_transform(cfg)
-    return open_dataset(cfg.data.train, transform, key="data.train")
+    return TrainingDataset(open_dataset(cfg.data.train, key="data.train"), transform, seed=cfg.train.seed)
 
 
 def build_eval_datasets(cfg: Config, train_transform=None):

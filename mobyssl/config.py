@@ -74,6 +74,9 @@ class DataConfig:
         "0.875 is the ImageNet protocol (256 -> 224); use 1.0 for small images.",
     )
     num_workers: int = _f(8, "DataLoader worker processes (0 loads in the main process).")
+    max_bad_fraction: float = _f(
+        0.01, "Unreadable training images are skipped and listed; stop if more than this fraction fails."
+    )
     aug: AugConfig = field(default_factory=AugConfig)
 
 
@@ -137,7 +140,16 @@ class TrainConfig:
     seed: int = _f(0, "Random seed.")
     log_every: int = _f(10, "Log a metrics.jsonl line (and a TensorBoard point) every N steps.")
     save_every: int = _f(1, "Write checkpoint.pth every N epochs (and always at the end).")
-    keep_every: int = _f(0, "Also keep a numbered copy every N epochs (0: only the latest).")
+    save_every_steps: int = _f(
+        0, "Also write a checkpoint every N optimizer steps (0: only at epoch ends). Set it for long epochs "
+        "on pre-emptible machines: a resume then loses at most N steps and continues the same trajectory."
+    )
+    keep_last: int = _f(2, "How many recent checkpoints to keep (checkpoint.pth points at the newest); >= 1.")
+    keep_every: int = _f(0, "Also keep a permanent copy every N epochs (0: none).")
+    max_bad_steps: int = _f(
+        10, "A step with a NaN/Inf loss or gradient is skipped with a warning; after this many in a row the "
+        "run stops and writes checkpoint_diagnostic.pth."
+    )
     knn_every: int = _f(
         0, "Run a k-NN evaluation on data.test every N epochs (0: only at the end; -1: never)."
     )
@@ -413,6 +425,10 @@ def validate(cfg: Config) -> None:
     need(t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", f"must be positive or null, got {t.clip_grad}")
     need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
     need(t.save_every > 0, "train.save_every", f"must be positive, got {t.save_every}")
+    need(t.save_every_steps >= 0, "train.save_every_steps", f"must be >= 0, got {t.save_every_steps}")
+    need(t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}")
+    need(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be at least 1, got {t.max_bad_steps}")
+    need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", f"must lie in [0, 1], got {d.max_bad_fraction}")
     need(d.image_size >= 8, "data.image_size", f"must be at least 8 pixels, got {d.image_size}")
     need(0 < d.eval_crop_ratio <= 1, "data.eval_crop_ratio", f"must lie in (0, 1], got {d.eval_crop_ratio}")
     need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")

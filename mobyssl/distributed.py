@@ -110,6 +110,14 @@ def gather_variable(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)
 
 
+def all_ranks_true(flag: torch.Tensor) -> bool:
+    """True when ``flag`` (a 0-d bool tensor) is true on every rank; a host synchronisation."""
+    if is_distributed():
+        flag = flag.detach().to(torch.int32).clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
 def mean_across_ranks(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x

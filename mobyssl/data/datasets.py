@@ -72,8 +72,9 @@ class _ImageList(Dataset):
     def load(self, index: int) -> Image.Image:
         key = self.keys[index]
         try:
-            return self._open(key).convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
+            return self._open(key).convert("RGB")  # L, P, CMYK, RGBA, I;16 ... all become RGB
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError, EOFError,
+                zipfile.BadZipFile) as e:
             raise DataError(f"cannot read image '{key}' in {self.source}: {e}. Remove or replace the file.") from e
 
     def __getitem__(self, index: int):

@@ -12,11 +12,13 @@ class GlobalBatchSampler(Sampler[int]):
     Epoch ``e`` shuffles all indices with seed ``(seed, e)`` and cuts them into global batches of
     ``batch_size * world_size`` (the remainder is dropped); rank ``r`` takes slice ``r`` of each. So the
     global batch at every step is the same with 1 process of batch B or N processes of batch B / N, and
-    ``set_epoch(e, start_step)`` resumes mid-epoch exactly where a run stopped.
+    ``set_epoch(e, start_step)`` resumes mid-epoch exactly where a run stopped. With ``yield_epoch`` it
+    yields ``(epoch, index)`` keys, for datasets that seed each sample's augmentation.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.num_samples, self.batch_size = num_samples, batch_size
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 yield_epoch: bool = False):
+        self.num_samples, self.batch_size, self.yield_epoch = num_samples, batch_size, yield_epoch
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.global_batch = batch_size * world_size
         self.steps_per_epoch = num_samples // self.global_batch
@@ -32,4 +34,5 @@ class GlobalBatchSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g)[: self.steps_per_epoch * self.global_batch]
         batches = order.view(self.steps_per_epoch, self.world_size, self.batch_size)[self.start_step:, self.rank]
-        return iter(batches.reshape(-1).tolist())
+        indices = batches.reshape(-1).tolist()
+        return iter([(self.epoch, i) for i in indices] if self.yield_epoch else indices)

@@ -31,7 +31,8 @@ class MoBYLoss(nn.Module):
 
     Owns the two queues (``queue_1`` holds view-1 target projections, ``queue_2`` view-2's); in
     training mode both are updated after the loss is computed. Inputs are normalised here and the
-    loss is computed in float32 whatever the autocast dtype.
+    loss is computed in float32 whatever the autocast dtype. Also returns, for monitoring, ``pos_sim``
+    (prediction-target cosine), ``neg_sim`` (mean cosine to the queue) and ``feature_std``.
     """
 
     def __init__(self, dim: int = 256, queue_size: int = 4096, temperature: float = 0.2):
@@ -53,7 +54,10 @@ class MoBYLoss(nn.Module):
                 + info_nce(q2, k1, self.queue_1.queue.clone(), self.temperature))
         with torch.no_grad():
             pos_sim = 0.5 * ((q1 * k2).sum(1).mean() + (q2 * k1).sum(1).mean())
+            neg_sim = 0.5 * ((q1 @ self.queue_2.queue.t()).mean() + (q2 @ self.queue_1.queue.t()).mean())
+            # std over the batch of unit vectors, x sqrt(dim): ~1 when spread out, 0 when collapsed
+            feature_std = q1.std(0).mean() * q1.shape[1] ** 0.5
         if self.training:
             self.queue_1.enqueue(k1)
             self.queue_2.enqueue(k2)
-        return {"loss": loss, "pos_sim": pos_sim}
+        return {"loss": loss, "pos_sim": pos_sim, "neg_sim": neg_sim, "feature_std": feature_std}

@@ -40,5 +40,6 @@ class FeatureQueue(nn.Module):
         if self.size % n != 0:
             self.check_batch(n)
         p = int(self.ptr)
-        self.queue[p:p + n] = keys
+        # Non-finite keys (a diverging step, skipped by the trainer) must not poison the negatives.
+        self.queue[p:p + n] = torch.where(torch.isfinite(keys).all(), keys, self.queue[p:p + n])
         self.ptr.fill_((p + n) % self.size)

@@ -3,7 +3,8 @@
 Per step: lr from a precomputed per-iteration schedule, forward of the method on a list of
 views under autocast, backward (through a grad scaler for fp16), gradient clipping, optimizer
 step, then ``method.on_step_end`` (momentum updates). Checkpoints hold everything needed to
-continue: weights, heads, queues, step counter, optimizer, scaler and RNG states.
+continue the same trajectory: weights, heads, queues, step counter, optimizer, scaler and RNG states;
+the data order and each sample's augmentation are functions of (seed, epoch, index).
 
 One code path serves one process and ``torchrun``: ``train.batch_size`` is the global batch, each
 rank takes its slice of every global batch, BatchNorms are synchronised, the method is wrapped in
@@ -13,6 +14,7 @@ DistributedDataParallel, and only rank 0 writes logs and checkpoints.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,9 @@ from ..data.sampler import GlobalBatchSampler
 from ..eval.runner import run_knn
 from ..models.sync_bn import convert_sync_batchnorm
 from ..runtime import autocast, resolve_amp, resolve_device, rng_state, seed_everything, set_rng_state
-from .checkpoint import LATEST, CheckpointError, load_checkpoint, numbered_name, save_checkpoint
+from .checkpoint import (DIAGNOSTIC, LATEST, CheckpointError, find_resumable, load_checkpoint, save_checkpoint,
+                         write_run_checkpoint)
+from .guards import BadDataMonitor, CollapseMonitor, NonFiniteGuard
 from .logging import MetricsLogger, Progress
 from .optim import build_adamw, warmup_cosine
 
@@ -49,29 +53,40 @@ def make_schedules(cfg: Config, steps_per_epoch: int) -> Schedules:
 
 
 def train_step(model, views: list, optimizer, scaler, lr: float, clip_grad: float | None,
-               amp_dtype=None) -> dict:
-    """One optimizer step of ``model`` (the method, or its DDP wrapper) on ``views``; returns its outputs.
+               amp_dtype=None) -> tuple[dict, torch.Tensor]:
+    """One optimizer step of ``model`` (the method, or its DDP wrapper) on ``views``.
 
-    Momentum updates are not part of it: the caller runs ``method.on_step_end`` after it.
+    Returns the method's outputs and ``ok``, a 0-d bool tensor: False when the loss or the gradient norm
+    is not finite, in which case the optimizer step was skipped. Momentum updates are the caller's
+    (``method.on_step_end``), so they can be skipped with it.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(views[0].device, amp_dtype):
         outputs = model(views)
+    loss = outputs["loss"]
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(outputs["loss"]).backward()
-    if clip_grad:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    return outputs
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
+    ok = torch.isfinite(loss.detach())
+    if scaler.is_enabled():
+        # fp16: the scaler skips steps with inf/NaN gradients itself and lowers its scale; only a
+        # non-finite loss counts as a bad step.
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        ok = ok & torch.isfinite(grad_norm)
+        if ok:  # host sync: one scalar per step
+            optimizer.step()
+    return outputs, ok
 
 
 def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
     """Pre-train ``cfg.method`` on ``cfg.data.train``; returns the final metrics.
 
-    ``resume``: False, True (the latest checkpoint in ``output_dir``) or a checkpoint path.
+    ``resume``: False, True (the newest checkpoint in ``output_dir`` that loads) or a checkpoint path.
     """
     validate(cfg)
     device = D.init_distributed(resolve_device(cfg.train.device))
@@ -100,16 +115,20 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
         build.build_eval_datasets(cfg)
     method = build.build_method(cfg)
     method.check_setup(batch)
-    ckpt_path = _resume_path(out, resume)
-    state = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    ckpt_path, state = _resume_state(out, resume, log)
+    if main:
+        _check_writable(out)
 
     if world > 1:
         method = convert_sync_batchnorm(method, device)
     method.to(device)
-    sampler = GlobalBatchSampler(len(dataset), batch // world, seed=cfg.train.seed, rank=D.rank(), world_size=world)
+    sampler = GlobalBatchSampler(len(dataset), batch // world, seed=cfg.train.seed, rank=D.rank(),
+                                 world_size=world, yield_epoch=True)
     steps_per_epoch = sampler.steps_per_epoch
+    # A private generator: creating the loader's iterator (it draws worker seeds) must not move the global
+    # RNG that drop path uses, or a resumed run would diverge from an uninterrupted one.
     loader = build.make_loader(dataset, batch // world, cfg.data.num_workers, device, drop_last=True,
-                               sampler=sampler, generator=torch.Generator().manual_seed(cfg.train.seed + D.rank()))
+                               sampler=sampler, generator=torch.Generator().manual_seed(cfg.train.seed))
     sched = make_schedules(cfg, steps_per_epoch)
     optimizer = build_adamw(method.trainable_modules(), sched.lr[0], cfg.train.weight_decay,
                             cfg.train.betas, device)
@@ -121,8 +140,9 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        start_epoch, global_step = state["epoch"], state["global_step"]
-        log(f"resumed from {ckpt_path} at epoch {start_epoch}, step {global_step}")
+        global_step = state["global_step"]
+        start_epoch = global_step // steps_per_epoch
+        log(f"resumed from {ckpt_path} at step {global_step} (epoch {global_step / steps_per_epoch:.2f})")
         del state
     model = D.wrap_ddp(method, device)
 
@@ -137,57 +157,77 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
         + f" | {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs | device {device} | "
         f"amp {amp_dtype or 'off'} | output {out}")
 
+    def save(path_fn=None):
+        """Rank 0 writes a checkpoint; a failed write is reported and the previous one stays intact."""
+        if not main:
+            return
+        ckpt = {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": global_step // steps_per_epoch,
+                "global_step": global_step, "config": to_dict(cfg)}
+        try:
+            if path_fn is not None:
+                save_checkpoint(ckpt, path_fn)
+            else:
+                done = global_step // steps_per_epoch
+                keep = done if (cfg.train.keep_every and global_step % steps_per_epoch == 0
+                                and done % cfg.train.keep_every == 0) else None
+                write_run_checkpoint(ckpt, out, global_step, cfg.train.keep_last, keep_epoch=keep)
+        except OSError as e:
+            progress.write(f"warning: could not write a checkpoint at step {global_step} ({e}); the previous "
+                           f"checkpoint is intact. Free disk space or fix {out}; training continues.")
+
     last_step = sched.total_steps if cfg.train.max_steps <= 0 else min(sched.total_steps, cfg.train.max_steps)
     progress = Progress(last_step, global_step, cfg.train.log_every, enabled=main)
+    nonfinite = NonFiniteGuard(cfg.train.max_bad_steps)
+    bad_data = BadDataMonitor(cfg.data.max_bad_fraction, cfg.data.train, min_images=min(200, len(dataset)))
+    collapse = CollapseMonitor()
     results: dict = {}
     method.train()
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             if global_step >= last_step:
                 break
-            # The data order depends only on (seed, epoch), so a resumed run sees the same batches.
+            # Data order and augmentations depend only on (seed, epoch, index): a resumed run sees the same.
             sampler.set_epoch(epoch, start_step=global_step - epoch * steps_per_epoch)
             tick, seen = time.time(), 0
-            for views, _ in loader:
+            for views, _, failed in loader:
+                bad_data.update(len(views[0]), failed, progress.write)
                 lr = sched.lr[global_step]
                 views = [v.to(device, non_blocking=True) for v in views]
-                outputs = train_step(model, views, optimizer, scaler, lr, cfg.train.clip_grad, amp_dtype)
+                outputs, ok = train_step(model, views, optimizer, scaler, lr, cfg.train.clip_grad, amp_dtype)
+                ok = D.all_ranks_true(ok)
+                if not nonfinite.update(ok, global_step + 1, progress.write):
+                    save(out / DIAGNOSTIC)
+                    raise FloatingPointError(nonfinite.message(out / DIAGNOSTIC))
                 global_step += 1
-                extra = method.on_step_end(global_step, sched.total_steps)
+                extra = method.on_step_end(global_step, sched.total_steps) if ok else {}
                 seen += views[0].shape[0] * world
 
                 if global_step % cfg.train.log_every == 0 or global_step == last_step:
-                    # The only host synchronisation: every log_every steps, averaged over ranks.
                     values = {k: D.mean_across_ranks(v.detach().float()).item() for k, v in outputs.items()}
-                    if not math.isfinite(values["loss"]):
-                        raise FloatingPointError(f"loss is {values['loss']} at step {global_step}; lower "
-                                                 "train.lr or use train.amp=off to find the cause")
                     img_s = seen / max(time.time() - tick, 1e-9)
                     if logger:
                         logger.log("train", global_step, epoch=round(global_step / steps_per_epoch, 3), lr=lr,
-                                   img_per_s=img_s, **values, **extra)
+                                   img_per_s=img_s, skipped_steps=nonfinite.total,
+                                   skipped_images=bad_data.failed, **values, **extra)
+                    collapse.check(values, global_step, progress.write)
                     progress.update(global_step, epoch=f"{global_step / steps_per_epoch:.2f}",
                                     loss=values["loss"], lr=lr, **{"img/s": round(img_s, 1)})
                     tick, seen = time.time(), 0
                 else:
                     progress.update(global_step)
-                if global_step >= last_step:
+                is_last = global_step >= last_step
+                end_of_epoch = global_step % steps_per_epoch == 0
+                healthy = nonfinite.consecutive == 0  # during a run of skipped steps, keep the last good file
+                if healthy and (is_last or (cfg.train.save_every_steps and global_step % cfg.train.save_every_steps == 0)
+                        or (end_of_epoch and (global_step // steps_per_epoch) % cfg.train.save_every == 0)):
+                    save()
+                if is_last:
                     break
 
-            finished_epoch = global_step % steps_per_epoch == 0
             done_epochs = global_step // steps_per_epoch
-            is_last = global_step >= last_step
-            if main and (is_last or (finished_epoch and done_epochs % cfg.train.save_every == 0)):
-                ckpt = {
-                    "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": done_epochs,
-                    "global_step": global_step, "config": to_dict(cfg),
-                }
-                save_checkpoint(ckpt, out / LATEST)
-                if cfg.train.keep_every and finished_epoch and done_epochs % cfg.train.keep_every == 0:
-                    save_checkpoint(ckpt, out / numbered_name(done_epochs))
-            due = cfg.train.knn_every > 0 and finished_epoch and done_epochs % cfg.train.knn_every == 0
-            if knn_enabled and (due or is_last):
+            due = cfg.train.knn_every > 0 and global_step % steps_per_epoch == 0 and done_epochs % cfg.train.knn_every == 0
+            if knn_enabled and (due or global_step >= last_step):
                 results = run_knn(cfg, method.backbone, device, amp_dtype)
                 if logger:
                     logger.log("knn", global_step, epoch=done_epochs, **results)
@@ -199,20 +239,32 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
             logger.close()
     D.barrier()
     log(f"done: {global_step} steps; checkpoint {out / LATEST}"
-        + (f"; k-NN: {_fmt(results)}" if results else ""))
+        + (f"; k-NN: {_fmt(results)}" if results else "")
+        + (f"; skipped {bad_data.failed} unreadable images" if bad_data.failed else ""))
     return {"global_step": global_step, **results}
 
 
-def _resume_path(out: Path, resume: bool | str) -> Path | None:
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"output_dir={out} is not writable ({e.strerror or e}); choose another "
+                              "output_dir or fix its permissions.") from None
+
+
+def _resume_state(out: Path, resume: bool | str, log) -> tuple[Path | None, dict | None]:
     if not resume:
-        return None
+        return None, None
     if resume is True:
-        path = out / LATEST
-        if not path.is_file():
-            raise CheckpointError(f"--resume: no {LATEST} in output_dir={out}; start without --resume or set "
-                                  "output_dir to the run to continue.")
-        return path
-    return Path(resume)
+        found = find_resumable(out, log)
+        if found is None:
+            raise CheckpointError(f"--resume: no checkpoint that loads in output_dir={out}; start without "
+                                  "--resume or set output_dir to the run to continue.")
+        return found
+    return Path(resume), load_checkpoint(resume)
 
 
 def _fmt(results: dict) -> str:

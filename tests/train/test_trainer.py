@@ -53,7 +53,7 @@ def test_resume_continues_step_counter_queue_and_momentum(tiny_cfg):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_cfg):
-    with pytest.raises(CheckpointError, match="no checkpoint.pth"):
+    with pytest.raises(CheckpointError, match="no checkpoint that loads"):
         pretrain(tiny_cfg(), resume=True)
 
 

@@ -1,0 +1,63 @@
+"""The pre-training view of a dataset: reproducible per-sample augmentation, bad images skipped.
+
+``TrainingDataset`` is indexed by ``(epoch, index)`` keys (from ``GlobalBatchSampler(yield_epoch=True)``).
+Each sample's augmentation RNG is seeded from ``(seed, epoch, index)``, so the views of a sample do
+not depend on the worker that loads it, the number of workers or processes, or a resume. An image that
+cannot be read is reported, counted and replaced by another one; the trainer stops if too many fail.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+from torch.utils.data import Dataset
+
+from .datasets import DataError
+
+MAX_CONSECUTIVE_FAILURES = 10
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63 - 1)
+
+
+class TrainingDataset(Dataset):
+    """Wraps an image dataset; ``ds[(epoch, i)] -> (views, label, failed)``.
+
+    ``failed`` lists (newline-separated) the files that could not be read and were replaced.
+    """
+
+    def __init__(self, dataset, transform, seed: int = 0):
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        failed = []
+        for attempt in range(MAX_CONSECUTIVE_FAILURES):
+            i = (index + attempt * 7919) % len(self.dataset)
+            try:
+                img = self.dataset.load(i)
+                break
+            except DataError as e:
+                failed.append(self.dataset.keys[i])
+                print(f"mobyssl: skipping unreadable image: {e}", file=sys.stderr, flush=True)
+        else:
+            raise DataError(f"{MAX_CONSECUTIVE_FAILURES} images in a row could not be read from "
+                            f"{self.dataset.source} (last: {failed[-1]}); check the data source.")
+        with torch.random.fork_rng(devices=[]):
+            s = sample_seed(self.seed, epoch, index)
+            torch.manual_seed(s)
+            state = random.getstate()
+            random.seed(s)
+            try:
+                views = self.transform(img)
+            finally:
+                random.setstate(state)
+        return views, self.dataset.labels[i], "\n".join(failed)

@@ -1,0 +1,86 @@
+"""Run guards: non-finite steps, unreadable images, representation collapse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data import DataError
+
+
+class NonFiniteGuard:
+    """Counts steps whose loss or gradient was not finite; asks to stop after ``max_consecutive`` in a row."""
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total = 0
+        self.first_bad_step = None
+
+    def update(self, ok: bool, step: int, warn) -> bool:
+        """Record step ``step``; False means stop the run."""
+        if ok:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.total += 1
+        if self.consecutive == 1:
+            self.first_bad_step = step
+        warn(f"warning: step {step}: non-finite loss or gradient, step skipped "
+             f"({self.consecutive} in a row, limit train.max_bad_steps={self.max_consecutive})")
+        return self.consecutive < self.max_consecutive
+
+    def message(self, diagnostic: Path) -> str:
+        return (f"training diverged: {self.consecutive} steps in a row (from step {self.first_bad_step}) had a "
+                f"NaN/Inf loss or gradient. The model state is in {diagnostic}; the last good checkpoint is "
+                "untouched. Lower train.lr, raise train.warmup_epochs, or try train.amp=off, then resume.")
+
+
+class BadDataMonitor:
+    """Counts unreadable training images (already skipped by the dataset) and stops past a failure rate."""
+
+    def __init__(self, max_fraction: float, source: str, min_images: int = 200):
+        self.max_fraction = max_fraction
+        self.min_images = min_images  # judge the rate only once this many images were drawn
+        self.source = source
+        self.failed = 0
+        self.seen = 0
+        self.files: list[str] = []
+
+    def update(self, batch_size: int, failed: list[str], warn) -> None:
+        names = [n for entry in failed if entry for n in entry.split("\n")]
+        self.seen += batch_size + len(names)
+        self.failed += len(names)
+        self.files.extend(names)
+        if not self.failed:
+            return
+        rate = self.failed / self.seen
+        if self.seen >= self.min_images and rate > self.max_fraction:
+            listed = ", ".join(self.files[:10]) + (" ..." if len(self.files) > 10 else "")
+            raise DataError(
+                f"data.train={self.source}: {self.failed} of {self.seen} images drawn so far could not be read "
+                f"({100 * rate:.1f}% > data.max_bad_fraction={self.max_fraction}): {listed}. Fix or remove "
+                "these files, or raise data.max_bad_fraction.")
+
+
+class CollapseMonitor:
+    """Warns when logged statistics show a collapsed representation.
+
+    ``feature_std``: per-dimension std of the L2-normalised online outputs times sqrt(dim): about 1 for
+    well-spread features, 0 when every image maps to the same point. ``neg_sim``: mean cosine similarity
+    to the queue entries; near 1 when everything looks alike.
+    """
+
+    def __init__(self, min_std: float = 0.1, max_neg_sim: float = 0.9, every: int = 10):
+        self.min_std, self.max_neg_sim, self.every = min_std, max_neg_sim, every
+        self._checks = 0
+
+    def check(self, values: dict, step: int, warn) -> bool:
+        std, neg = values.get("feature_std"), values.get("neg_sim")
+        collapsed = (std is not None and std < self.min_std) or (neg is not None and neg > self.max_neg_sim)
+        if collapsed:
+            if self._checks % self.every == 0:
+                warn(f"warning: step {step}: the representation may be collapsing (feature_std {std:.3f} < "
+                     f"{self.min_std} or neg_sim {neg:.3f} > {self.max_neg_sim}). Check the lr, the momentum "
+                     "and the augmentations.")
+            self._checks += 1
+        return collapsed

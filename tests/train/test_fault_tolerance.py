@@ -1,0 +1,287 @@
+"""Each fault is injected for real: SIGKILL mid-run, truncated checkpoints, NaN losses and gradients,
+broken image files, a read-only output directory, a checkpoint write that fails halfway."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mobyssl.cli import main
+from mobyssl.data import DataError
+from mobyssl.methods import MoBY
+from mobyssl.train import checkpoint as ckpt_mod
+from mobyssl.train.checkpoint import (CheckpointError, load_checkpoint, step_checkpoints, write_run_checkpoint)
+from mobyssl.train.trainer import pretrain
+
+
+def _records(run, kind="train"):
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by SIGKILL
+            continue
+        if r["type"] == kind:
+            out.append(r)
+    return out
+
+
+def _losses(run):
+    """Last logged loss per step (a resumed run logs the steps after its checkpoint again)."""
+    return {r["step"]: r["loss"] for r in _records(run)}
+
+
+# ---------------------------------------------------------------- kill -9 and exact resume
+
+
+def _cli(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "mobyssl", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_trajectory(tmp_path, tiny_overrides):
+    # 31 steps per epoch: the kill lands mid-epoch 0 and the resumed run crosses into epoch 1.
+    common = ["pretrain", *tiny_overrides, "data.num_workers=1", "train.max_steps=36", "train.save_every_steps=5",
+              "train.knn_every=-1"]
+    ref = _cli(common + [f"output_dir={tmp_path / 'ref'}"])
+    killed = _cli(common + [f"output_dir={tmp_path / 'killed'}"])
+    deadline = time.time() + 300
+    while max(_losses(tmp_path / "killed"), default=0) < 17:
+        assert killed.poll() is None, killed.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    assert max(_losses(tmp_path / "killed")) < 36
+
+    resumed = _cli(common + [f"output_dir={tmp_path / 'killed'}", "--resume"])
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    ref_out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, ref_out
+
+    expected, got = _losses(tmp_path / "ref"), _losses(tmp_path / "killed")
+    assert sorted(expected) == sorted(got) == list(range(1, 37))
+    assert got == expected  # step for step, bit for bit
+    final_ref = load_checkpoint(tmp_path / "ref" / "checkpoint.pth")["method"]
+    final = load_checkpoint(tmp_path / "killed" / "checkpoint.pth")["method"]
+    for k in ("encoder.cls_token", "criterion.queue_2.queue", "encoder_target.pos_embed"):
+        assert torch.equal(final_ref[k], final[k]), k
+
+
+# ---------------------------------------------------------------- checkpoint files
+
+
+def test_rotation_keeps_the_newest_and_points_latest_at_it(tmp_path):
+    for step in (1, 2, 3, 4):
+        write_run_checkpoint({"global_step": step}, tmp_path, step, keep_last=2, keep_epoch=1 if step == 2 else None)
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["checkpoint_step00000004.pth", "checkpoint_step00000003.pth"]
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["global_step"] == 4
+    assert load_checkpoint(tmp_path / "checkpoint_epoch0001.pth")["global_step"] == 2  # permanent copy survives
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_truncated_checkpoint_is_reported_and_skipped(tiny_cfg, capsys):
+    pretrain(tiny_cfg("train.max_steps=4", "train.save_every_steps=2", "train.knn_every=-1"))
+    run = Path(tiny_cfg().output_dir)
+    newest = run / "checkpoint_step00000004.pth"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # truncated on disk
+    capsys.readouterr()
+    result = pretrain(tiny_cfg("train.max_steps=6", "train.save_every_steps=2", "train.knn_every=-1"), resume=True)
+    out = capsys.readouterr().out
+    assert "skipping checkpoint" in out and str(newest) in out
+    assert "resumed from" in out and "checkpoint_step00000002.pth" in out
+    assert result["global_step"] == 6
+    assert load_checkpoint(run / "checkpoint.pth")["global_step"] == 6
+
+
+def test_checkpoint_write_failing_halfway_keeps_the_previous_one(tiny_cfg, monkeypatch, capsys):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # the second checkpoint: write half of it, then the disk is full
+            buf = io.BytesIO()
+            real_save(obj, buf)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    result = pretrain(tiny_cfg("train.max_steps=3", "train.save_every_steps=1", "train.knn_every=-1"))
+    assert result["global_step"] == 3  # training went on
+    out = capsys.readouterr().out
+    assert "could not write a checkpoint at step 2" in out and "No space left" in out
+    run = Path(tiny_cfg().output_dir)
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert load_checkpoint(run / "checkpoint.pth")["global_step"] == 1  # the previous one, intact
+    assert not list(run.glob("*.tmp"))
+
+
+def test_read_only_output_dir_fails_before_training(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    target = ro / "run"
+    if os.access(ro, os.W_OK):  # root ignores permission bits: use a read-only filesystem instead
+        target = Path("/sys/mobyssl-test-run")
+        if os.access("/sys", os.W_OK) and not Path("/sys").is_mount():
+            pytest.skip("no read-only location to test with")
+    code = main(["pretrain", f"output_dir={target}", "data.num_workers=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not writable" in err and str(target) in err
+    assert not target.exists()
+
+
+# ---------------------------------------------------------------- non-finite guard
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def _inject(monkeypatch, bad_calls, kind):
+    original = MoBY.forward
+    calls = {"n": 0}
+
+    def forward(self, views):
+        out = original(self, views)
+        calls["n"] += 1
+        if calls["n"] in bad_calls:
+            out["loss"] = out["loss"] * float("nan") if kind == "loss" else _NanGrad.apply(out["loss"])
+        return out
+
+    monkeypatch.setattr(MoBY, "forward", forward)
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_nonfinite_step_is_skipped_and_training_continues(tiny_cfg, monkeypatch, capsys, kind):
+    _inject(monkeypatch, {2}, kind)
+    result = pretrain(tiny_cfg("train.max_steps=4", "train.knn_every=-1"))
+    assert result["global_step"] == 4
+    assert "step 2: non-finite loss or gradient, step skipped" in capsys.readouterr().out
+    run = Path(tiny_cfg().output_dir)
+    records = _records(run)
+    assert records[-1]["skipped_steps"] == 1
+    state = load_checkpoint(run / "checkpoint.pth")
+    assert int(next(iter(state["optimizer"]["state"].values()))["step"]) == 3  # 4 steps, 1 skipped
+    assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+
+
+def test_divergence_stops_with_diagnostic_checkpoint(tiny_cfg, monkeypatch):
+    _inject(monkeypatch, set(range(3, 100)), "loss")
+    with pytest.raises(FloatingPointError, match="3 steps in a row") as e:
+        pretrain(tiny_cfg("train.max_steps=20", "train.max_bad_steps=3", "train.save_every_steps=1",
+                          "train.knn_every=-1"))
+    assert "checkpoint_diagnostic.pth" in str(e.value)
+    run = Path(tiny_cfg().output_dir)
+    assert load_checkpoint(run / "checkpoint_diagnostic.pth")["global_step"] == 4
+    assert load_checkpoint(run / "checkpoint.pth")["global_step"] == 2  # the last good step
+
+
+def test_collapse_is_reported(tiny_cfg, monkeypatch, capsys):
+    original = MoBY.forward
+
+    def collapsed(self, views):
+        out = original(self, views)
+        out["feature_std"] = out["feature_std"] * 0  # every image at the same point
+        return out
+
+    monkeypatch.setattr(MoBY, "forward", collapsed)
+    pretrain(tiny_cfg("train.max_steps=2", "train.knn_every=-1"))
+    assert "may be collapsing" in capsys.readouterr().out
+
+
+def test_healthy_run_logs_collapse_statistics_without_warning(tiny_cfg, capsys):
+    pretrain(tiny_cfg("train.max_steps=3", "train.knn_every=-1"))
+    records = _records(tiny_cfg().output_dir)
+    assert all(0.1 < r["feature_std"] <= 1.5 and -1 <= r["neg_sim"] < 0.9 for r in records)
+    assert "collapsing" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- bad data
+
+
+def _jpeg(img):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _bad_folder(root):
+    good = Image.new("RGB", (40, 40), (200, 30, 30))
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(16):
+            (root / c / f"{i}.jpg").write_bytes(_jpeg(Image.new("RGB", (36, 36), (i * 10, 100, 50))))
+    a = root / "a"
+    (a / "corrupt.jpg").write_bytes(os.urandom(3000))
+    (a / "truncated.jpg").write_bytes(_jpeg(Image.effect_noise((64, 64), 50).convert("RGB"))[:400])
+    (a / "empty.png").write_bytes(b"")
+    good.convert("CMYK").save(a / "cmyk.jpg")
+    good.convert("RGBA").save(a / "rgba.png")
+    good.convert("L").save(a / "gray.png")
+    good.convert("P").save(a / "palette.png")
+    Image.new("RGB", (1, 1)).save(a / "tiny.png")
+    Image.new("RGB", (3000, 2000)).save(a / "huge.png")
+    (a / "notes.txt").write_text("not an image")
+    (a / ".DS_Store").write_bytes(b"\0\1")
+    return {"corrupt.jpg", "truncated.jpg", "empty.png"}
+
+
+def test_bad_images_are_skipped_listed_and_counted(tmp_path, tiny_cfg, capfd):
+    bad = _bad_folder(tmp_path / "imgs")
+    cfg = tiny_cfg(f"data.train={tmp_path / 'imgs'}", "data.test=null", "train.batch_size=8",
+                   "method.queue_size=16", "train.epochs=1", "data.max_bad_fraction=0.5")
+    result = pretrain(cfg)
+    assert result["global_step"] == 41 // 8
+    err = capfd.readouterr().err
+    for name in bad:
+        assert f"a/{name}" in err
+    skipped = _records(cfg.output_dir)[-1]["skipped_images"]
+    assert len(bad) <= skipped <= len(bad) + 2  # a replacement may itself be bad
+
+
+def test_too_many_bad_images_stop_the_run(tmp_path, tiny_cfg):
+    _bad_folder(tmp_path / "imgs")
+    cfg = tiny_cfg(f"data.train={tmp_path / 'imgs'}", "data.test=null", "train.batch_size=8",
+                   "method.queue_size=16", "train.epochs=1", "data.max_bad_fraction=0.01")
+    with pytest.raises(DataError, match="max_bad_fraction") as e:
+        pretrain(cfg)
+    assert "corrupt.jpg" in str(e.value) or "truncated.jpg" in str(e.value) or "empty.png" in str(e.value)
+
+
+def test_every_readable_mode_loads_as_rgb(tmp_path):
+    from mobyssl.data import open_dataset
+
+    _bad_folder(tmp_path / "imgs")
+    ds = open_dataset(str(tmp_path / "imgs"))
+    assert not any(k.endswith((".txt", ".DS_Store")) for k in ds.keys)
+    for name in ("cmyk.jpg", "rgba.png", "gray.png", "palette.png", "tiny.png", "huge.png"):
+        img = ds.load(ds.keys.index(f"a/{name}"))
+        assert img.mode == "RGB"
+    with pytest.raises(DataError, match="truncated.jpg"):
+        ds.load(ds.keys.index("a/truncated.jpg"))
