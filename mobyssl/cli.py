@@ -68,7 +68,8 @@ def make_parser() -> argparse.ArgumentParser:
                        epilog=EXAMPLES["pretrain"] + "\n" + _config_help())
     _add_common(p, "quickstart")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from output_dir/checkpoint.pth, or from the given checkpoint file")
+                   help="continue from the newest checkpoint in output_dir that loads (broken ones are reported and "
+                        "skipped), or from the given checkpoint file")
 
     for name, desc in (("knn", "weighted k-NN evaluation of a frozen backbone (DINO protocol)"),
                        ("linear", "linear probe of a frozen backbone (paper protocol, or linear.mode=fast)")):

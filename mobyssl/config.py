@@ -131,6 +131,15 @@ class TrainConfig:
     weight_decay: float = _f(0.05, "AdamW weight decay; never applied to biases and 1-D parameters.")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
     clip_grad: Optional[float] = _f(5.0, "Clip the global gradient norm to this value (null: off).")
+    accum_steps: int = _f(
+        1, "Split each batch into this many micro-batches and accumulate gradients (for large backbones "
+        "on small GPUs). Queues and momentum still update once per optimizer step; BatchNorm statistics "
+        "are per micro-batch."
+    )
+    grad_checkpointing: bool = _f(
+        False, "Recompute the online backbone's activations in the backward pass (timm "
+        "set_grad_checkpointing): less memory, about 30% more compute."
+    )
     amp: Literal["auto", "bf16", "fp16", "off"] = _f(
         "auto",
         "Mixed precision: auto = bf16 on GPUs that support it, fp16 with a grad scaler on older "
@@ -423,6 +432,7 @@ def validate(cfg: Config) -> None:
     need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     need(len(t.betas) == 2, "train.betas", f"needs two values, got {t.betas}")
     need(t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", f"must be positive or null, got {t.clip_grad}")
+    need(t.accum_steps >= 1, "train.accum_steps", f"must be at least 1, got {t.accum_steps}")
     need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
     need(t.save_every > 0, "train.save_every", f"must be positive, got {t.save_every}")
     need(t.save_every_steps >= 0, "train.save_every_steps", f"must be >= 0, got {t.save_every_steps}")

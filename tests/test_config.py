@@ -67,7 +67,7 @@ def test_multi_level_base_chain_deep_merges_nested_sections():
     assert q.data.aug.blur_prob == [0.0, 0.0]             # moby_swin_cifar10, nested two levels deep
     assert q.data.aug.solarize_prob == [0.0, 0.2]         # moby_swin_tiny_in1k, sibling of the above
     assert q.train.weight_decay == 0.05                   # moby_swin_tiny_in1k
-    assert q.train.epochs == 30 and q.method.queue_size == 1024
+    assert q.train.epochs == 30 and q.method.queue_size == 256   # quickstart
 
 
 def test_user_recipe_file_with_base_by_name_and_by_relative_path(tmp_path):

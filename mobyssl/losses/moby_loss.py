@@ -40,6 +40,17 @@ class MoBYLoss(nn.Module):
         self.temperature = temperature
         self.queue_1 = FeatureQueue(dim, queue_size)
         self.queue_2 = FeatureQueue(dim, queue_size)
+        # Gradient accumulation: keys of each micro-batch wait here until the optimizer step.
+        self.defer_updates = False
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def flush(self) -> None:
+        """Enqueue the keys collected while ``defer_updates`` was set (one optimizer step's worth)."""
+        if self._pending:
+            k1, k2 = (torch.cat(ks) for ks in zip(*self._pending))
+            self._pending = []
+            self.queue_1.enqueue(k1)
+            self.queue_2.enqueue(k2)
 
     def check_batch(self, global_batch: int) -> None:
         self.queue_1.check_batch(global_batch)
@@ -58,6 +69,9 @@ class MoBYLoss(nn.Module):
             # std over the batch of unit vectors, x sqrt(dim): ~1 when spread out, 0 when collapsed
             feature_std = q1.std(0).mean() * q1.shape[1] ** 0.5
         if self.training:
-            self.queue_1.enqueue(k1)
-            self.queue_2.enqueue(k2)
+            if self.defer_updates:
+                self._pending.append((k1, k2))
+            else:
+                self.queue_1.enqueue(k1)
+                self.queue_2.enqueue(k2)
         return {"loss": loss, "pos_sim": pos_sim, "neg_sim": neg_sim, "feature_std": feature_std}

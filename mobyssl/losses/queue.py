@@ -39,7 +39,9 @@ class FeatureQueue(nn.Module):
         n = keys.shape[0]
         if self.size % n != 0:
             self.check_batch(n)
-        p = int(self.ptr)
+        # Rows ptr .. ptr+n-1, computed on the device: no host synchronisation.
+        rows = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
         # Non-finite keys (a diverging step, skipped by the trainer) must not poison the negatives.
-        self.queue[p:p + n] = torch.where(torch.isfinite(keys).all(), keys, self.queue[p:p + n])
-        self.ptr.fill_((p + n) % self.size)
+        keys = torch.where(torch.isfinite(keys).all(), keys, self.queue[rows])
+        self.queue.index_copy_(0, rows, keys)
+        self.ptr.add_(n).remainder_(self.size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, ClassVar
 
 import torch
@@ -56,6 +57,22 @@ class Method(nn.Module):
     def trainable_modules(self) -> list[nn.Module]:
         """Modules whose parameters the optimizer updates (targets excluded)."""
         return [m for m in self.children() if any(p.requires_grad for p in m.parameters())]
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """Gradient accumulation: inside, buffers (queues) collect updates; they are applied on exit.
+
+        Any submodule with a ``defer_updates`` flag and a ``flush()`` method takes part.
+        """
+        parts = [m for m in self.modules() if hasattr(m, "defer_updates") and hasattr(m, "flush")]
+        for m in parts:
+            m.defer_updates = True
+        try:
+            yield
+        finally:
+            for m in parts:
+                m.defer_updates = False
+                m.flush()
 
     def momentum_at(self, step: int, total_steps: int) -> float:
         return cosine_momentum(step, total_steps, self.base_momentum)

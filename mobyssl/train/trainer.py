@@ -13,6 +13,7 @@ DistributedDataParallel, and only rank 0 writes logs and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -53,24 +54,40 @@ def make_schedules(cfg: Config, steps_per_epoch: int) -> Schedules:
 
 
 def train_step(model, views: list, optimizer, scaler, lr: float, clip_grad: float | None,
-               amp_dtype=None) -> tuple[dict, torch.Tensor]:
+               amp_dtype=None, accum_steps: int = 1) -> tuple[dict, torch.Tensor]:
     """One optimizer step of ``model`` (the method, or its DDP wrapper) on ``views``.
 
-    Returns the method's outputs and ``ok``, a 0-d bool tensor: False when the loss or the gradient norm
-    is not finite, in which case the optimizer step was skipped. Momentum updates are the caller's
-    (``method.on_step_end``), so they can be skipped with it.
+    With ``accum_steps > 1`` the batch is split into micro-batches whose gradients add up (DDP
+    synchronises only the last); the method's buffers (queues) update once, after the last one.
+    Returns the outputs (averaged over micro-batches) and ``ok``, a 0-d bool tensor: False when the
+    loss or the gradient norm is not finite, in which case the optimizer step was skipped. Momentum
+    updates are the caller's (``method.on_step_end``), so they can be skipped with it.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with autocast(views[0].device, amp_dtype):
-        outputs = model(views)
-    loss = outputs["loss"]
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    method = getattr(model, "module", model)
+    if accum_steps == 1:
+        with autocast(views[0].device, amp_dtype):
+            outputs = model(views)
+        scaler.scale(outputs["loss"]).backward()
+    else:
+        chunks = list(zip(*(v.chunk(accum_steps) for v in views)))
+        parts = []
+        with method.accumulate():
+            for i, micro in enumerate(chunks):
+                sync = contextlib.nullcontext() if i == len(chunks) - 1 or not hasattr(model, "no_sync") \
+                    else model.no_sync()
+                with sync:
+                    with autocast(views[0].device, amp_dtype):
+                        out = model(list(micro))
+                    scaler.scale(out["loss"] / len(chunks)).backward()
+                parts.append({k: v.detach() for k, v in out.items()})
+        outputs = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
-    ok = torch.isfinite(loss.detach())
+    ok = torch.isfinite(outputs["loss"].detach())
     if scaler.is_enabled():
         # fp16: the scaler skips steps with inf/NaN gradients itself and lowers its scale; only a
         # non-finite loss counts as a bad step.
@@ -103,9 +120,11 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
     if batch % world:
         raise ValueError(f"train.batch_size={batch} is the global batch and must be divisible by the "
                          f"number of processes ({world}); use a multiple of {world}.")
-    if batch // world < 2:
-        raise ValueError(f"train.batch_size={batch} over {world} processes leaves {batch // world} image per "
-                         "process; BatchNorm in the heads needs at least 2. Raise train.batch_size.")
+    accum = cfg.train.accum_steps
+    if (batch // world) % accum or batch // world // accum < 2:
+        raise ValueError(f"train.batch_size={batch} over {world} process(es) and train.accum_steps={accum} gives "
+                         f"micro-batches of {batch / world / accum:g} images; they must be whole and at least 2 "
+                         "(BatchNorm in the heads). Raise train.batch_size or lower train.accum_steps.")
     dataset = build.build_train_dataset(cfg)
     if len(dataset) < batch:
         raise DataError(f"data.train={cfg.data.train} has {len(dataset)} images, fewer than one batch "
@@ -115,6 +134,8 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
         build.build_eval_datasets(cfg)
     method = build.build_method(cfg)
     method.check_setup(batch)
+    if cfg.train.grad_checkpointing:
+        method.backbone.set_grad_checkpointing(True)
     ckpt_path, state = _resume_state(out, resume, log)
     if main:
         _check_writable(out)
@@ -194,7 +215,7 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
                 bad_data.update(len(views[0]), failed, progress.write)
                 lr = sched.lr[global_step]
                 views = [v.to(device, non_blocking=True) for v in views]
-                outputs, ok = train_step(model, views, optimizer, scaler, lr, cfg.train.clip_grad, amp_dtype)
+                outputs, ok = train_step(model, views, optimizer, scaler, lr, cfg.train.clip_grad, amp_dtype, accum)
                 ok = D.all_ranks_true(ok)
                 if not nonfinite.update(ok, global_step + 1, progress.write):
                     save(out / DIAGNOSTIC)

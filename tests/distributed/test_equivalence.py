@@ -54,7 +54,7 @@ def _train(rank, world):
     share = B // world
     for step in range(STEPS):
         views = [v[rank * share:(rank + 1) * share] for v in _views(step)]
-        out = train_step(model, views, opt, scaler, lr=1e-3, clip_grad=5.0)
+        out, _ = train_step(model, views, opt, scaler, lr=1e-3, clip_grad=5.0)
         method.on_step_end(step + 1, 10)
         losses.append(D.mean_across_ranks(out["loss"].detach()).item())
     return losses, {k: v.detach().clone() for k, v in method.state_dict().items()}

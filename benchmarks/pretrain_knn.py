@@ -1,9 +1,11 @@
-"""Quickstart benchmark: `mobyssl pretrain` on the bundled sample, against a random-init baseline.
+"""Pre-train, then k-NN, against a random-init baseline: one table row for BENCHMARKS.md.
 
-Runs the default recipe (or --config) end to end, times it, and evaluates the same backbone
-architecture untrained with the same k-NN protocol, so the table shows what pre-training adds.
+Runs a recipe end to end (default: the quickstart on the bundled sample), times it, and evaluates the
+same backbone architecture untrained with the same k-NN protocol, so the row shows what pre-training adds.
 
-    python benchmarks/quickstart.py [--config quickstart] [key=value ...]
+    python benchmarks/pretrain_knn.py                                   # quickstart, bundled sample
+    python benchmarks/pretrain_knn.py --config moby_swin_cifar10 data.train=.data/cifar10/train.zip \
+        data.test=.data/cifar10/test.zip train.epochs=50                # CIFAR-10 on a GPU
 """
 
 from __future__ import annotations
