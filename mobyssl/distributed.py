@@ -110,6 +110,15 @@ def gather_variable(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)
 
 
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank; ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_ranks_true(flag: torch.Tensor) -> bool:
     """True when ``flag`` (a 0-d bool tensor) is true on every rank; a host synchronisation."""
     if is_distributed():

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
+from .. import distributed as D
 from ..runtime import autocast
 
 
@@ -19,8 +23,10 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
+    bar = tqdm(loader, desc="features", unit="batch", leave=False,
+               disable=not (sys.stderr.isatty() and D.is_main_process()))
     try:
-        for images, y in loader:
+        for images, y in bar:
             with autocast(device, amp_dtype):
                 f = backbone(images.to(device, non_blocking=True))
             feats.append(f.float().cpu())

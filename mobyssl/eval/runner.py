@@ -33,7 +33,9 @@ def run_knn(cfg: Config, backbone: nn.Module, device: torch.device, amp_dtype=No
     """Weighted k-NN of ``data.test`` against ``data.eval_train`` (or ``data.train``) features."""
     train, test = build.build_eval_datasets(cfg)
     (ftr, ytr), (fte, yte) = _features(cfg, backbone, device, amp_dtype, (train, test))
-    return knn_classify(ftr, ytr, fte, yte, cfg.knn.k, cfg.knn.temperature, num_classes=len(train.classes))
+    # On a GPU the similarity search runs there (ImageNet: 50k x 1.28M dot products).
+    return knn_classify(ftr.to(device), ytr, fte.to(device), yte, cfg.knn.k, cfg.knn.temperature,
+                        num_classes=len(train.classes))
 
 
 def run_linear(cfg: Config, backbone: nn.Module, device: torch.device, amp_dtype=None, log=print) -> dict[str, float]:

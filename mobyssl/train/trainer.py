@@ -108,7 +108,7 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
     validate(cfg)
     device = D.init_distributed(resolve_device(cfg.train.device))
     amp_dtype = resolve_amp(cfg.train.amp, device)
-    seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed + D.rank())  # own drop-path stream per rank; DDP copies rank 0's weights
     out = Path(cfg.output_dir)
     main = D.is_main_process()
     world = D.world_size()
@@ -160,7 +160,8 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        rng = state["rng"]  # one state per rank that saved it
+        set_rng_state(rng[D.rank()] if D.rank() < len(rng) else rng[0])
         global_step = state["global_step"]
         start_epoch = global_step // steps_per_epoch
         log(f"resumed from {ckpt_path} at step {global_step} (epoch {global_step / steps_per_epoch:.2f})")
@@ -179,11 +180,13 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
         f"amp {amp_dtype or 'off'} | output {out}")
 
     def save(path_fn=None):
-        """Rank 0 writes a checkpoint; a failed write is reported and the previous one stays intact."""
+        """Rank 0 writes a checkpoint (every rank calls this: RNG states are gathered); a failed write is
+        reported and the previous checkpoint stays intact."""
+        rng = D.gather_objects(rng_state())
         if not main:
             return
         ckpt = {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": global_step // steps_per_epoch,
+                "scaler": scaler.state_dict(), "rng": rng, "epoch": global_step // steps_per_epoch,
                 "global_step": global_step, "config": to_dict(cfg)}
         try:
             if path_fn is not None:

@@ -30,6 +30,8 @@ def test_torchrun_pretrain_then_resume(tmp_path, tiny_overrides):
     assert int(state["method"]["criterion.queue_1.ptr"]) == 64  # 2 steps x global batch 32: keys gathered
     # BatchNorms were synchronised during training but are saved as plain BatchNorm state.
     assert "projector.net.1.running_mean" in state["method"]
+    # Each rank's RNG (drop path) is saved, and the two streams differ.
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
     out = _torchrun(*common, "train.max_steps=4", "--resume", cwd=tmp_path)
     assert "resumed from" in out and "knn_top1_k20" in out
