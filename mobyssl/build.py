@@ -63,3 +63,20 @@ def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
                       sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
                       drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0)
+
+
+def resident_loader(cfg: Config, dataset, sampler, batch_size: int, device: torch.device):
+    """``data.pipeline=gpu``: the dataset decoded once onto ``device``, MoBY views made there per batch."""
+    from . import distributed as D
+    from .data.gpu_augment import BatchMoBYAugment
+    from .data.resident import ResidentImages, ResidentLoader
+
+    if cfg.method.name != "moby":
+        raise ValueError(f"data.pipeline=gpu implements MoBY's augmentation only; use data.pipeline=cpu "
+                         f"for method.name={cfg.method.name}")
+    limit = None
+    if device.type == "cuda":
+        limit = int(0.25 * torch.cuda.get_device_properties(device).total_memory)
+    resident = ResidentImages(dataset, cfg.data.image_size, device, max_bytes=limit)
+    augment = BatchMoBYAugment(cfg.data.image_size, cfg.data.aug, cfg.data.normalization)
+    return ResidentLoader(resident, sampler, batch_size, augment, seed=cfg.train.seed, rank=D.rank())

@@ -146,10 +146,13 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
     sampler = GlobalBatchSampler(len(dataset), batch // world, seed=cfg.train.seed, rank=D.rank(),
                                  world_size=world, yield_epoch=True)
     steps_per_epoch = sampler.steps_per_epoch
-    # A private generator: creating the loader's iterator (it draws worker seeds) must not move the global
-    # RNG that drop path uses, or a resumed run would diverge from an uninterrupted one.
-    loader = build.make_loader(dataset, batch // world, cfg.data.num_workers, device, drop_last=True,
-                               sampler=sampler, generator=torch.Generator().manual_seed(cfg.train.seed))
+    if cfg.data.pipeline == "gpu":
+        loader = build.resident_loader(cfg, dataset.dataset, sampler, batch // world, device)
+    else:
+        # A private generator: creating the loader's iterator (it draws worker seeds) must not move the
+        # global RNG that drop path uses, or a resumed run would diverge from an uninterrupted one.
+        loader = build.make_loader(dataset, batch // world, cfg.data.num_workers, device, drop_last=True,
+                                   sampler=sampler, generator=torch.Generator().manual_seed(cfg.train.seed))
     sched = make_schedules(cfg, steps_per_epoch)
     optimizer = build_adamw(method.trainable_modules(), sched.lr[0], cfg.train.weight_decay,
                             cfg.train.betas, device)

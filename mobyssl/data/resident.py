@@ -1,0 +1,83 @@
+"""The GPU data path for datasets that fit in device memory: decode once, augment batches on the device.
+
+``ResidentImages`` decodes every image once into one uint8 tensor ``(N, 3, S, S)`` on the training
+device; ``ResidentLoader`` then yields the same ``(views, labels, failed)`` batches as the CPU
+DataLoader, with MoBY's augmentations applied to the whole batch on the device. Batches follow the
+same ``GlobalBatchSampler``; each batch's augmentation generator is seeded from (seed, epoch, step,
+rank), so runs are reproducible and resume exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torchvision.transforms import functional as TF
+
+from .datasets import DataError
+from .training import sample_seed
+
+
+class ResidentImages:
+    """All images of ``dataset`` as uint8 ``(N, 3, size, size)`` plus labels, on ``device``.
+
+    Images of another size are resized (shorter side) and centre-cropped to ``size``. An unreadable
+    image is reported and its slot filled with a readable one, so indices keep their meaning.
+    """
+
+    def __init__(self, dataset, size: int, device: torch.device, max_bytes: int | None = None):
+        n = len(dataset)
+        need = n * 3 * size * size
+        if max_bytes is not None and need > max_bytes:
+            raise DataError(f"data.pipeline=gpu would keep {need / 2**30:.1f} GiB of images on {device} "
+                            f"(more than {max_bytes / 2**30:.1f} GiB); use data.pipeline=cpu for this dataset.")
+        images = torch.empty((n, 3, size, size), dtype=torch.uint8)
+        labels = list(dataset.labels)
+        bad = []
+        for i in range(n):
+            try:
+                img = dataset.load(i)
+            except DataError as e:
+                print(f"mobyssl: skipping unreadable image: {e}", file=sys.stderr, flush=True)
+                bad.append(i)
+                continue
+            t = TF.pil_to_tensor(img)
+            if t.shape[-2:] != (size, size):
+                t = TF.center_crop(TF.resize(t, size, antialias=True), size)
+            images[i] = t
+        if len(bad) == n:
+            raise DataError(f"no readable images in {dataset.source}")
+        good = sorted(set(range(n)) - set(bad))
+        for k, i in enumerate(bad):
+            j = good[k % len(good)]
+            images[i], labels[i] = images[j], labels[j]
+        self.skipped = len(bad)
+        self.images = images.to(device)
+        self.labels = torch.tensor(labels, device=device)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+class ResidentLoader:
+    """Iterates a ``GlobalBatchSampler(yield_epoch=True)`` over resident images; augments on the device."""
+
+    def __init__(self, resident: ResidentImages, sampler, batch_size: int, augment, seed: int = 0, rank: int = 0):
+        self.resident, self.sampler, self.batch_size = resident, sampler, batch_size
+        self.augment, self.seed, self.rank = augment, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        keys = list(self.sampler)
+        device = self.resident.images.device
+        for b in range(len(keys) // self.batch_size):
+            chunk = keys[b * self.batch_size:(b + 1) * self.batch_size]
+            epoch = chunk[0][0]
+            step = self.sampler.start_step + b
+            idx = torch.tensor([i for _, i in chunk], device=device)
+            g = torch.Generator(device=device)
+            g.manual_seed(sample_seed(self.seed, epoch, step * 1024 + self.rank))
+            views = self.augment(self.resident.images[idx], g)
+            yield views, self.resident.labels[idx], [""]

@@ -1,0 +1,36 @@
+"""The benchmark scripts run (smoke size, CPU): they must not rot between device sessions."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(script, *args):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_throughput_smoke():
+    out = _run("throughput.py", "--device", "cpu", "--backbones", "vit_nano_patch4_32", "--image-size", "32",
+               "--batch", "8", "--steps", "2", "--warmup", "1", "--e2e-images", "40", "--workers", "0")
+    rows = [line for line in out.splitlines() if line.startswith("| 20")]
+    assert len(rows) == 3 and "model-only, eager" in rows[0] and "CPU workers" in rows[1]
+
+
+def test_speedrun_smoke(tiny_overrides):
+    out = _run("cifar10_speedrun.py", "--config", "quickstart", "--budgets", "0.05", "--calibration-steps", "2",
+               "--linear-epochs", "2", *tiny_overrides, "train.device=cpu")
+    rows = [line for line in out.splitlines() if line.startswith("| 20")]
+    assert len(rows) == 1 and rows[0].count("|") == 11
+
+
+def test_pretrain_knn_smoke(tiny_overrides):
+    out = _run("pretrain_knn.py", *tiny_overrides, "train.max_steps=2")
+    assert "random init -> trained" in out and '"trained"' in out
