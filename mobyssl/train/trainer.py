@@ -31,7 +31,7 @@ from ..eval.runner import run_knn
 from ..models.sync_bn import convert_sync_batchnorm
 from ..runtime import autocast, resolve_amp, resolve_device, rng_state, seed_everything, set_rng_state
 from .checkpoint import (DIAGNOSTIC, LATEST, CheckpointError, find_resumable, load_checkpoint, save_checkpoint,
-                         write_run_checkpoint)
+                         step_checkpoints, write_run_checkpoint)
 from .guards import BadDataMonitor, CollapseMonitor, NonFiniteGuard
 from .logging import MetricsLogger, Progress
 from .optim import build_adamw, warmup_cosine
@@ -284,6 +284,9 @@ def _check_writable(out: Path) -> None:
 
 def _resume_state(out: Path, resume: bool | str, log) -> tuple[Path | None, dict | None]:
     if not resume:
+        if step_checkpoints(out) or (out / LATEST).exists():
+            raise CheckpointError(f"output_dir={out} already holds the checkpoints of a run. Pass --resume to "
+                                  "continue it, or choose another output_dir (nothing was overwritten).")
         return None, None
     if resume is True:
         found = find_resumable(out, log)

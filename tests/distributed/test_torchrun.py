@@ -41,3 +41,25 @@ def test_torchrun_pretrain_then_resume(tmp_path, tiny_overrides):
     knn = [r for r in records if r["type"] == "knn"]
     assert len(knn) == 1 and 0 <= knn[0]["knn_top1_k20"] <= 100
     assert torch.load(run / "checkpoint.pth", weights_only=True)["global_step"] == 4
+
+
+def test_distributed_evaluation_matches_one_process(tmp_path, tiny_overrides):
+    from mobyssl.cli import main
+    from mobyssl.train.trainer import pretrain
+    from mobyssl.config import load_config
+
+    run = tmp_path / "run"
+    pretrain(load_config("quickstart", [*tiny_overrides, f"output_dir={run}", "train.max_steps=2",
+                                        "train.knn_every=-1"]))
+    ckpt = str(run / "checkpoint.pth")
+    assert main(["knn", "--checkpoint", ckpt, "--output", str(tmp_path / "one.json")]) == 0
+    _torchrun("knn", "--checkpoint", ckpt, "--output", str(tmp_path / "two.json"), cwd=tmp_path)
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert set(one) == set(two)
+    for k in one:  # every test image and bank image embedded once, gathered: the same votes
+        assert abs(one[k] - two[k]) < 1e-9, (k, one[k], two[k])
+    out = _torchrun("linear", "--checkpoint", ckpt, "linear.epochs=1", "linear.batch_size=128",
+                    "data.eval_train=bundled:cifar10-sample-test", "--output", str(tmp_path / "lin.json"), cwd=tmp_path)
+    lin = json.loads((tmp_path / "lin.json").read_text())
+    assert 0 <= lin["linear_top1"] <= 100 and "linear epoch 1/1" in out

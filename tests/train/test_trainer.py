@@ -102,3 +102,11 @@ def test_pretrain_on_gpu_in_bf16(tiny_cfg):
     cfg = tiny_cfg("train.max_steps=3", "train.device=cuda", "train.amp=auto")
     result = pretrain(cfg)
     assert result["global_step"] == 3 and result["knn_top1_k20"] >= 0
+
+
+def test_fresh_run_refuses_an_output_dir_that_holds_a_run(tiny_cfg):
+    pretrain(tiny_cfg("train.max_steps=1", "train.knn_every=-1"))
+    before = (Path(tiny_cfg().output_dir) / "checkpoint.pth").resolve().read_bytes()
+    with pytest.raises(CheckpointError, match="--resume"):
+        pretrain(tiny_cfg("train.max_steps=2", "train.knn_every=-1"))
+    assert (Path(tiny_cfg().output_dir) / "checkpoint.pth").resolve().read_bytes() == before
