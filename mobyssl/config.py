@@ -142,6 +142,10 @@ class TrainConfig:
         "on small GPUs). Queues and momentum still update once per optimizer step; BatchNorm statistics "
         "are per micro-batch."
     )
+    compile: bool = _f(
+        False, "torch.compile the training step's model (fewer, fused kernels on GPUs; the first steps "
+        "take a minute or more to compile)."
+    )
     grad_checkpointing: bool = _f(
         False, "Recompute the online backbone's activations in the backward pass (timm "
         "set_grad_checkpointing): less memory, about 30% more compute."

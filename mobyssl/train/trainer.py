@@ -170,6 +170,8 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
         log(f"resumed from {ckpt_path} at step {global_step} (epoch {global_step / steps_per_epoch:.2f})")
         del state
     model = D.wrap_ddp(method, device)
+    if cfg.train.compile:
+        model = torch.compile(model)
 
     logger = None
     if main:

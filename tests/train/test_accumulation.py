@@ -72,3 +72,12 @@ def test_pretrain_with_accumulation_and_checkpointing(tiny_cfg):
     assert pretrain(cfg)["global_step"] == 2
     state = load_checkpoint(f"{cfg.output_dir}/checkpoint.pth")
     assert int(state["method"]["criterion.queue_1.ptr"]) == 64  # 2 steps x batch 32
+
+
+def test_pretrain_compiled(tiny_cfg):
+    # torch.compile on the CPU (the same path GPUs take, with other kernels): a minute of compilation.
+    cfg = tiny_cfg("train.max_steps=3", "train.compile=true", "train.knn_every=-1")
+    assert pretrain(cfg)["global_step"] == 3
+    state = load_checkpoint(f"{cfg.output_dir}/checkpoint.pth")
+    assert int(state["method"]["criterion.queue_1.ptr"]) == 96  # in-place queue updates survive compilation
+    assert not any(k.startswith("_orig_mod") for k in state["method"])
