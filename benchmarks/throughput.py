@@ -95,10 +95,10 @@ def end_to_end(args, backbone, device, zip_path: str, pipeline: str) -> dict:
                                                                       f"data.pipeline={pipeline}"])
     dataset = build_train_dataset(cfg)
     sampler = GlobalBatchSampler(len(dataset), args.batch, yield_epoch=True)
-    if pipeline == "gpu":
-        from mobyssl.build import resident_loader
+    if pipeline != "cpu":
+        from mobyssl.build import device_loader
 
-        loader = resident_loader(cfg, dataset.dataset, sampler, args.batch, device)
+        loader = device_loader(cfg, dataset.dataset, sampler, args.batch, device)
     else:
         loader = make_loader(dataset, args.batch, args.workers, device, drop_last=True, sampler=sampler)
     seen, t0, step = 0, None, 0
@@ -150,9 +150,10 @@ def main() -> None:
             print(row.format(backbone, "model-only, " + ("compiled" if c else "eager"), r["img_s"], f"{r['tflops']:.1f}",
                              f"{100 * r['tflops'] / args.peak_tflops:.1f}%", f"{r['mem_gib']:.1f}"), flush=True)
         if zip_path:
-            for pipeline in ("cpu", "gpu"):
+            for pipeline in ("cpu", "gpu_decode", "gpu_resident"):
                 r = end_to_end(args, backbone, device, zip_path, pipeline)
-                print(row.format(backbone, f"end to end, " + ("CPU workers" if pipeline == "cpu" else "resident uint8 + device augmentation"), r["img_s"], "-", "-", "-"), flush=True)
+                print(row.format(backbone, "end to end, " + {"cpu": "CPU workers", "gpu_decode": "device decode + augmentation",
+                                                   "gpu_resident": "resident uint8 + device augmentation"}[pipeline], r["img_s"], "-", "-", "-"), flush=True)
 
 
 if __name__ == "__main__":

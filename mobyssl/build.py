@@ -65,18 +65,24 @@ def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device
                       drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0)
 
 
-def resident_loader(cfg: Config, dataset, sampler, batch_size: int, device: torch.device):
-    """``data.pipeline=gpu``: the dataset decoded once onto ``device``, MoBY views made there per batch."""
+def device_loader(cfg: Config, dataset, sampler, batch_size: int, device: torch.device):
+    """``data.pipeline=gpu_decode`` or ``gpu_resident``: MoBY views made on ``device`` per batch."""
     from . import distributed as D
     from .data.gpu_augment import BatchMoBYAugment
-    from .data.resident import ResidentImages, ResidentLoader
 
     if cfg.method.name != "moby":
-        raise ValueError(f"data.pipeline=gpu implements MoBY's augmentation only; use data.pipeline=cpu "
-                         f"for method.name={cfg.method.name}")
-    limit = None
-    if device.type == "cuda":
-        limit = int(0.25 * torch.cuda.get_device_properties(device).total_memory)
-    resident = ResidentImages(dataset, cfg.data.image_size, device, max_bytes=limit)
+        raise ValueError(f"data.pipeline={cfg.data.pipeline} implements MoBY's augmentation only; use "
+                         f"data.pipeline=cpu for method.name={cfg.method.name}")
     augment = BatchMoBYAugment(cfg.data.image_size, cfg.data.aug, cfg.data.normalization)
-    return ResidentLoader(resident, sampler, batch_size, augment, seed=cfg.train.seed, rank=D.rank())
+    if cfg.data.pipeline == "gpu_resident":
+        from .data.resident import ResidentImages, ResidentLoader
+
+        limit = int(0.25 * torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else None
+        resident = ResidentImages(dataset, cfg.data.image_size, device, max_bytes=limit)
+        return ResidentLoader(resident, sampler, batch_size, augment, seed=cfg.train.seed, rank=D.rank())
+    from .data.device_decode import DeviceDecodeLoader, EncodedDataset, collate_encoded
+
+    loader = DataLoader(EncodedDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, collate_fn=collate_encoded,
+                        persistent_workers=cfg.data.num_workers > 0, generator=torch.Generator().manual_seed(0))
+    return DeviceDecodeLoader(loader, sampler, augment, device, dataset.source, seed=cfg.train.seed, rank=D.rank())

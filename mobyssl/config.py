@@ -74,11 +74,13 @@ class DataConfig:
         "0.875 is the ImageNet protocol (256 -> 224); use 1.0 for small images.",
     )
     num_workers: int = _f(8, "DataLoader worker processes (0 loads in the main process).")
-    pipeline: Literal["cpu", "gpu"] = _f(
+    pipeline: Literal["cpu", "gpu_decode", "gpu_resident"] = _f(
         "cpu",
-        "cpu: PIL augmentation in DataLoader workers (any dataset). gpu: decode the dataset once into uint8 "
-        "tensors on the training device and augment whole batches there (datasets that fit in device "
-        "memory, e.g. CIFAR-10: 150 MiB); no worker processes, no CPU bottleneck.",
+        "Where images are decoded and augmented. cpu: PIL in DataLoader workers (any device, any data). "
+        "gpu_decode: workers only read file bytes; JPEGs are decoded and augmented in batches on the "
+        "training device (any dataset size). gpu_resident: the dataset is decoded once into uint8 tensors "
+        "on the device at data.image_size, then augmented there (datasets that fit in device memory, e.g. "
+        "CIFAR-10: 150 MiB). The gpu_* pipelines run on a CPU device too.",
     )
     max_bad_fraction: float = _f(
         0.01, "Unreadable training images are skipped and listed; stop if more than this fraction fails."

@@ -21,7 +21,8 @@ def test_throughput_smoke():
     out = _run("throughput.py", "--device", "cpu", "--backbones", "vit_nano_patch4_32", "--image-size", "32",
                "--batch", "8", "--steps", "2", "--warmup", "1", "--e2e-images", "40", "--workers", "0")
     rows = [line for line in out.splitlines() if line.startswith("| 20")]
-    assert len(rows) == 3 and "model-only, eager" in rows[0] and "CPU workers" in rows[1]
+    assert len(rows) == 4 and "model-only, eager" in rows[0] and "CPU workers" in rows[1]
+    assert "device decode" in rows[2] and "resident" in rows[3]
 
 
 def test_speedrun_smoke(tiny_overrides):

@@ -69,6 +69,10 @@ class _ImageList(Dataset):
     def _open(self, key: str) -> Image.Image:
         raise NotImplementedError
 
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded file of image ``index`` (for decoding elsewhere, e.g. on a GPU)."""
+        raise NotImplementedError
+
     def load(self, index: int) -> Image.Image:
         key = self.keys[index]
         try:
@@ -110,6 +114,9 @@ class FolderDataset(_ImageList):
     def _open(self, key: str) -> Image.Image:
         return Image.open(self.root / key)
 
+    def read_bytes(self, index: int) -> bytes:
+        return (self.root / self.keys[index]).read_bytes()
+
 
 class ZipDataset(_ImageList):
     """A zip of an ImageFolder tree or of flat images, read with random access (no extraction).
@@ -133,11 +140,17 @@ class ZipDataset(_ImageList):
         self._zip: Optional[zipfile.ZipFile] = None
         self._pid: Optional[int] = None
 
-    def _open(self, key: str) -> Image.Image:
+    def _read(self, key: str) -> bytes:
         if self._zip is None or self._pid != os.getpid():
             self._zip = zipfile.ZipFile(self.path)
             self._pid = os.getpid()
-        return Image.open(io.BytesIO(self._zip.read(key)))
+        return self._zip.read(key)
+
+    def _open(self, key: str) -> Image.Image:
+        return Image.open(io.BytesIO(self._read(key)))
+
+    def read_bytes(self, index: int) -> bytes:
+        return self._read(self.keys[index])
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -155,7 +155,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> tor
 
 
 class BatchMoBYAugment:
-    """Two MoBY views of a uint8 batch ``(B, 3, H, W)`` on any device, with per-sample parameters.
+    """Two MoBY views of a uint8 batch ``(B, 3, H, W)`` (or a list of images of any sizes) on any device,
+    with per-sample parameters.
 
     ``aug`` is the ``data.aug`` config section; ``generator`` (on the batch's device) makes a step's
     augmentations reproducible.
@@ -166,12 +167,29 @@ class BatchMoBYAugment:
         self.aug = aug
         self.mean, self.std = NORMALIZATION[norm]
 
-    def view(self, images: torch.Tensor, v: int, generator=None) -> torch.Tensor:
-        a, dev, b = self.aug, images.device, images.shape[0]
-        x = images.float() / 255.0
-        hw = torch.tensor(images.shape[-2:], device=dev)
-        boxes = sample_crop_boxes(hw[0].expand(b), hw[1].expand(b), tuple(a.crop_scale), generator=generator)
-        x = resized_crops(x, boxes, self.size).clamp(0, 1)
+    def crops(self, images, generator=None) -> torch.Tensor:
+        """Random resized crops ``(B, 3, size, size)`` in [0, 1] of a uint8 batch or a list of uint8 images."""
+        a = self.aug
+        if isinstance(images, torch.Tensor):
+            b, dev = images.shape[0], images.device
+            hw = torch.tensor(images.shape[-2:], device=dev)
+            boxes = sample_crop_boxes(hw[0].expand(b), hw[1].expand(b), tuple(a.crop_scale), generator=generator)
+            return resized_crops(images.float() / 255.0, boxes, self.size).clamp(0, 1)
+        # Images of different sizes (decoded JPEGs): one crop-and-resize per image.
+        dev = images[0].device
+        hs = torch.tensor([im.shape[-2] for im in images], device=dev)
+        ws = torch.tensor([im.shape[-1] for im in images], device=dev)
+        boxes = sample_crop_boxes(hs, ws, tuple(a.crop_scale), generator=generator).long().tolist()
+        out = [F.interpolate(im[None, :, y1:y2, x1:x2].float(), size=(self.size, self.size), mode="bilinear",
+                             antialias=True, align_corners=False)
+               for im, (x1, y1, x2, y2) in zip(images, boxes)]
+        return (torch.cat(out) / 255.0).clamp(0, 1)
+
+    def view(self, images, v: int, generator=None) -> torch.Tensor:
+        """View ``v`` (0 or 1) of ``images``: a uint8 ``(B, 3, H, W)`` batch or a list of uint8 ``(3, H_i, W_i)``."""
+        a = self.aug
+        x = self.crops(images, generator)
+        b, dev = x.shape[0], x.device
         p = torch.rand((b, 5), generator=generator, device=dev)
         x = torch.where((p[:, 0] < a.flip_prob).view(-1, 1, 1, 1), x.flip(-1), x)
         x = color_jitter(x, a.color_jitter, p[:, 1] < a.color_jitter_prob, generator)

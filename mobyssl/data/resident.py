@@ -29,8 +29,8 @@ class ResidentImages:
         n = len(dataset)
         need = n * 3 * size * size
         if max_bytes is not None and need > max_bytes:
-            raise DataError(f"data.pipeline=gpu would keep {need / 2**30:.1f} GiB of images on {device} "
-                            f"(more than {max_bytes / 2**30:.1f} GiB); use data.pipeline=cpu for this dataset.")
+            raise DataError(f"data.pipeline=gpu_resident would keep {need / 2**30:.1f} GiB of images on {device} "
+                            f"(more than {max_bytes / 2**30:.1f} GiB); use data.pipeline=gpu_decode or cpu for this dataset.")
         images = torch.empty((n, 3, size, size), dtype=torch.uint8)
         labels = list(dataset.labels)
         bad = []

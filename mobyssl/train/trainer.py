@@ -146,8 +146,8 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
     sampler = GlobalBatchSampler(len(dataset), batch // world, seed=cfg.train.seed, rank=D.rank(),
                                  world_size=world, yield_epoch=True)
     steps_per_epoch = sampler.steps_per_epoch
-    if cfg.data.pipeline == "gpu":
-        loader = build.resident_loader(cfg, dataset.dataset, sampler, batch // world, device)
+    if cfg.data.pipeline != "cpu":
+        loader = build.device_loader(cfg, dataset.dataset, sampler, batch // world, device)
     else:
         # A private generator: creating the loader's iterator (it draws worker seeds) must not move the
         # global RNG that drop path uses, or a resumed run would diverge from an uninterrupted one.

@@ -110,11 +110,12 @@ def test_runs_on_cuda():
     assert views[0].device.type == "cuda" and torch.isfinite(views[1]).all()
 
 
-def test_pretrain_with_the_resident_gpu_pipeline_runs_and_resumes_exactly(tiny_cfg):
-    from mobyssl.train.trainer import pretrain
+@pytest.mark.parametrize("pipeline", ["gpu_resident", "gpu_decode"])
+def test_pretrain_with_a_device_pipeline_runs_and_resumes_exactly(tiny_cfg, pipeline):
     from mobyssl.train.checkpoint import load_checkpoint
+    from mobyssl.train.trainer import pretrain
 
-    common = ["data.pipeline=gpu", "train.knn_every=-1", "train.log_every=1"]
+    common = [f"data.pipeline={pipeline}", "train.knn_every=-1", "train.log_every=1", "data.num_workers=1"]
     ref = tiny_cfg(*common, "train.max_steps=4", "output_dir=" + str(tiny_cfg().output_dir) + "_ref")
     pretrain(ref)
     pretrain(tiny_cfg(*common, "train.max_steps=2"))
@@ -123,3 +124,40 @@ def test_pretrain_with_the_resident_gpu_pipeline_runs_and_resumes_exactly(tiny_c
     b = load_checkpoint(tiny_cfg().output_dir + "/checkpoint.pth")["method"]
     assert torch.equal(a["encoder.cls_token"], b["encoder.cls_token"])
     assert torch.equal(a["criterion.queue_1.queue"], b["criterion.queue_1.queue"])
+
+
+def _encoded(img, fmt):
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def test_decode_batch_handles_formats_and_bad_files(capfd):
+    from PIL import Image
+
+    from mobyssl.data.device_decode import decode_batch
+
+    rgb = Image.new("RGB", (20, 10), (200, 40, 10))
+    data = [_encoded(rgb, "JPEG"), _encoded(rgb, "PNG"), _encoded(rgb.convert("L"), "JPEG"),
+            _encoded(rgb.convert("CMYK"), "JPEG"), torch.tensor([0xFF, 0xD8, 1, 2, 3], dtype=torch.uint8),
+            torch.empty(0, dtype=torch.uint8)]
+    keys = ["a.jpg", "b.png", "gray.jpg", "cmyk.jpg", "corrupt.jpg", "empty.png"]
+    images, failed = decode_batch(data, keys, torch.device("cpu"), "test-source")
+    assert failed == ["corrupt.jpg", "empty.png"]
+    assert all(im.shape == (3, 10, 20) and im.dtype == torch.uint8 for im in images)
+    assert abs(int(images[0][0].float().mean()) - 200) < 8 and abs(int(images[1][0].float().mean()) - 200) < 2
+    err = capfd.readouterr().err
+    assert "corrupt.jpg" in err and "empty.png" in err and "test-source" in err
+
+
+def test_crops_of_images_of_different_sizes():
+    t = BatchMoBYAugment(16, AugConfig(crop_scale=[1.0, 1.0]), norm="none")
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((16, 16), (30, 40), (64, 20))]
+    out = t.crops(images, torch.Generator().manual_seed(0))
+    assert out.shape == (3, 3, 16, 16) and 0 <= out.min() and out.max() <= 1
+    # A 16x16 image cropped whole at scale 1 and resized to 16 is itself.
+    assert torch.allclose(out[0], images[0].float() / 255, atol=1e-5)
+    views = t(images, torch.Generator().manual_seed(0))
+    assert views[0].shape == (3, 3, 16, 16)
