@@ -29,9 +29,13 @@ def _features(cfg: Config, backbone: nn.Module, device, amp_dtype, datasets):
     return out
 
 
-def run_knn(cfg: Config, backbone: nn.Module, device: torch.device, amp_dtype=None) -> dict[str, float]:
-    """Weighted k-NN of ``data.test`` against ``data.eval_train`` (or ``data.train``) features."""
-    train, test = build.build_eval_datasets(cfg)
+def run_knn(cfg: Config, backbone: nn.Module, device: torch.device, amp_dtype=None,
+            datasets=None) -> dict[str, float]:
+    """Weighted k-NN of ``data.test`` against ``data.eval_train`` (or ``data.train``) features.
+
+    ``datasets``: the ``(bank, test)`` pair from ``build_eval_datasets``, to avoid re-scanning large folders.
+    """
+    train, test = datasets or build.build_eval_datasets(cfg)
     (ftr, ytr), (fte, yte) = _features(cfg, backbone, device, amp_dtype, (train, test))
     # On a GPU the similarity search runs there (ImageNet: 50k x 1.28M dot products).
     return knn_classify(ftr.to(device), ytr, fte.to(device), yte, cfg.knn.k, cfg.knn.temperature,

@@ -130,8 +130,7 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
         raise DataError(f"data.train={cfg.data.train} has {len(dataset)} images, fewer than one batch "
                         f"(train.batch_size={batch}); lower train.batch_size.")
     knn_enabled = cfg.train.knn_every >= 0 and bool(cfg.data.test)
-    if knn_enabled:
-        build.build_eval_datasets(cfg)
+    eval_sets = build.build_eval_datasets(cfg) if knn_enabled else None
     method = build.build_method(cfg)
     method.check_setup(batch)
     if cfg.train.grad_checkpointing:
@@ -257,7 +256,7 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
             done_epochs = global_step // steps_per_epoch
             due = cfg.train.knn_every > 0 and global_step % steps_per_epoch == 0 and done_epochs % cfg.train.knn_every == 0
             if knn_enabled and (due or global_step >= last_step):
-                results = run_knn(cfg, method.backbone, device, amp_dtype)
+                results = run_knn(cfg, method.backbone, device, amp_dtype, eval_sets)
                 if logger:
                     logger.log("knn", global_step, epoch=done_epochs, **results)
                 progress.write(f"k-NN after epoch {done_epochs}: " + _fmt(results))
