@@ -19,9 +19,13 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, te
     Returns:
         Mean over the batch of ``-log softmax([q.k, q.n_1, ..., q.n_K] / T)[0]``.
     """
+    return _info_nce(query, key, query @ negatives.t(), temperature)
+
+
+def _info_nce(query: torch.Tensor, key: torch.Tensor, neg_sim: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE given the ``(B, K)`` similarities to the negatives."""
     pos = (query * key).sum(dim=1, keepdim=True)
-    neg = query @ negatives.t()
-    logits = torch.cat([pos, neg], dim=1) / temperature
+    logits = torch.cat([pos, neg_sim], dim=1) / temperature
     labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
     return F.cross_entropy(logits, labels)
 
@@ -61,11 +65,13 @@ class MoBYLoss(nn.Module):
         dtype = self.queue_1.queue.dtype  # float32: the loss never runs in bf16/fp16
         q1, q2 = (F.normalize(p.to(dtype), dim=1) for p in (pred_1, pred_2))
         k1, k2 = (F.normalize(t.detach().to(dtype), dim=1) for t in (target_1, target_2))
-        loss = (info_nce(q1, k2, self.queue_2.queue.clone(), self.temperature)
-                + info_nce(q2, k1, self.queue_1.queue.clone(), self.temperature))
+        # Clones: the queues are overwritten below, before the backward pass needs them.
+        neg_1 = q1 @ self.queue_2.queue.clone().t()
+        neg_2 = q2 @ self.queue_1.queue.clone().t()
+        loss = _info_nce(q1, k2, neg_1, self.temperature) + _info_nce(q2, k1, neg_2, self.temperature)
         with torch.no_grad():
             pos_sim = 0.5 * ((q1 * k2).sum(1).mean() + (q2 * k1).sum(1).mean())
-            neg_sim = 0.5 * ((q1 @ self.queue_2.queue.t()).mean() + (q2 @ self.queue_1.queue.t()).mean())
+            neg_sim = 0.5 * (neg_1.mean() + neg_2.mean())
             # std over the batch of unit vectors, x sqrt(dim): ~1 when spread out, 0 when collapsed
             feature_std = q1.std(0).mean() * q1.shape[1] ** 0.5
         if self.training:
