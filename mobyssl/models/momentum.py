@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -15,14 +14,6 @@ def cosine_momentum(step: int, total_steps: int, base: float) -> float:
         return base
     step = min(step, total_steps)
     return 1.0 - (1.0 - base) * (math.cos(math.pi * step / total_steps) + 1.0) / 2.0
-
-
-def make_target(online: nn.Module) -> nn.Module:
-    """A frozen copy of ``online`` (same weights, ``requires_grad=False``)."""
-    target = copy.deepcopy(online)
-    for p in target.parameters():
-        p.requires_grad_(False)
-    return target
 
 
 def copy_weights(online: nn.Module, target: nn.Module) -> None:
