@@ -259,7 +259,7 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
                 results = run_knn(cfg, method.backbone, device, amp_dtype, eval_sets)
                 if logger:
                     logger.log("knn", global_step, epoch=done_epochs, **results)
-                progress.write(f"k-NN after epoch {done_epochs}: " + _fmt(results))
+                progress.write(f"k-NN at epoch {global_step / steps_per_epoch:g} (step {global_step}): " + _fmt(results))
                 method.train()
     finally:
         progress.close()
