@@ -73,3 +73,10 @@ def test_tokens_and_pooled_agree_with_forward(name):
         tokens, pooled = tokens_and_pooled(m, x)
         assert torch.allclose(pooled, m(x), atol=1e-5)
     assert tokens.ndim in (3, 4) and tokens.shape[0] == 2 and tokens.shape[-1] == feature_dim(m)
+
+
+@pytest.mark.parametrize("name, dim", [("swin_small", 768), ("swin_base", 1024), ("deit_base", 768),
+                                       ("vit_tiny", 192)])
+def test_paper_family_aliases(name, dim):
+    m = create_backbone(name, drop_path_rate=0.2)
+    assert feature_dim(m) == dim
