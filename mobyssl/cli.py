@@ -205,8 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     from .train.checkpoint import CheckpointError
 
     handlers = {"pretrain": _cmd_pretrain, "knn": _cmd_eval, "linear": _cmd_eval, "export": _cmd_export}
+    from .train.guards import TrainingInterrupted
+
     try:
         return handlers.get(args.command, _cmd_list)(args)
+    except TrainingInterrupted as e:
+        print(f"mobyssl {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (ConfigError, DataError, BackboneError, CheckpointError, ValueError) as e:
         print(f"mobyssl {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -119,12 +119,13 @@ def gather_objects(obj) -> list:
     return out
 
 
-def all_ranks_true(flag: torch.Tensor) -> bool:
-    """True when ``flag`` (a 0-d bool tensor) is true on every rank; a host synchronisation."""
-    if is_distributed():
-        flag = flag.detach().to(torch.int32).clone()
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
+def agree_step(ok: torch.Tensor, stop: bool) -> tuple[bool, bool]:
+    """(ok on every rank, stop asked on any rank) for the step just taken; one small all-reduce."""
+    if not is_distributed():
+        return bool(ok), stop
+    flags = torch.stack([(~ok.detach().bool()).to(torch.int32), torch.tensor(int(stop), device=ok.device)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return not bool(flags[0]), bool(flags[1])
 
 
 def mean_across_ranks(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Run guards: non-finite steps, unreadable images, representation collapse."""
+"""Run guards: stop signals, non-finite steps, unreadable images, representation collapse."""
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 from ..data import DataError
@@ -84,3 +86,43 @@ class CollapseMonitor:
                      "and the augmentations.")
             self._checks += 1
         return collapsed
+
+
+class TrainingInterrupted(Exception):
+    """The run stopped on SIGTERM/SIGINT after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, output_dir: Path):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; the checkpoint in {output_dir} "
+                         "holds this step. Continue with the same command plus --resume.")
+
+
+class StopSignals:
+    """Turns SIGTERM (pre-emption, SLURM) and SIGINT (Ctrl-C) into a request to stop after the current step.
+
+    A second signal of the same kind stops at once. Handlers are installed only in the main thread and
+    restored on exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # asked twice: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..models.sync_bn import convert_sync_batchnorm
 from ..runtime import autocast, resolve_amp, resolve_device, rng_state, seed_everything, set_rng_state
 from .checkpoint import (DIAGNOSTIC, LATEST, CheckpointError, find_resumable, load_checkpoint, save_checkpoint,
                          step_checkpoints, write_run_checkpoint)
-from .guards import BadDataMonitor, CollapseMonitor, NonFiniteGuard
+from .guards import BadDataMonitor, CollapseMonitor, NonFiniteGuard, StopSignals, TrainingInterrupted
 from .logging import MetricsLogger, Progress
 from .optim import build_adamw, warmup_cosine
 
@@ -211,7 +212,9 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
     collapse = CollapseMonitor()
     results: dict = {}
     method.train()
+    stop_signals = StopSignals()
     try:
+        stop_signals.__enter__()
         for epoch in range(start_epoch, cfg.train.epochs):
             if global_step >= last_step:
                 break
@@ -223,7 +226,7 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
                 lr = sched.lr[global_step]
                 views = [v.to(device, non_blocking=True) for v in views]
                 outputs, ok = train_step(model, views, optimizer, scaler, lr, cfg.train.clip_grad, amp_dtype, accum)
-                ok = D.all_ranks_true(ok)
+                ok, stop = D.agree_step(ok, stop_signals.signum is not None)
                 if not nonfinite.update(ok, global_step + 1, progress.write):
                     save(out / DIAGNOSTIC)
                     raise FloatingPointError(nonfinite.message(out / DIAGNOSTIC))
@@ -247,9 +250,13 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
                 is_last = global_step >= last_step
                 end_of_epoch = global_step % steps_per_epoch == 0
                 healthy = nonfinite.consecutive == 0  # during a run of skipped steps, keep the last good file
-                if healthy and (is_last or (cfg.train.save_every_steps and global_step % cfg.train.save_every_steps == 0)
-                        or (end_of_epoch and (global_step // steps_per_epoch) % cfg.train.save_every == 0)):
+                save_due = (is_last or stop  # SIGTERM / Ctrl-C: keep this step, then leave
+                       or (cfg.train.save_every_steps and global_step % cfg.train.save_every_steps == 0)
+                       or (end_of_epoch and (global_step // steps_per_epoch) % cfg.train.save_every == 0))
+                if healthy and save_due:
                     save()
+                if stop:
+                    raise TrainingInterrupted(stop_signals.signum or signal.SIGTERM, global_step, out)
                 if is_last:
                     break
 
@@ -262,6 +269,7 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
                 progress.write(f"k-NN at epoch {global_step / steps_per_epoch:g} (step {global_step}): " + _fmt(results))
                 method.train()
     finally:
+        stop_signals.__exit__(None, None, None)
         progress.close()
         if logger:
             logger.close()

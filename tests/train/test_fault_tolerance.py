@@ -84,6 +84,28 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_trajectory(tmp_path
         assert torch.equal(final_ref[k], final[k]), k
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_saves_the_current_step_and_resume_finishes(tmp_path, tiny_overrides, sig):
+    # Pre-emption (SLURM sends SIGTERM) or Ctrl-C: finish the step, write a checkpoint, exit 128 + signal.
+    common = ["pretrain", *tiny_overrides, "train.max_steps=12", "train.knn_every=-1", f"output_dir={tmp_path / 'run'}"]
+    proc = _cli(common)
+    deadline = time.time() + 300
+    while max(_losses(tmp_path / "run"), default=0) < 4:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out
+    assert f"stopped by {signal.Signals(sig).name}" in out and "--resume" in out
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert state["global_step"] == max(_losses(tmp_path / "run")) < 12  # the step it stopped at, saved
+    resumed = _cli(common + ["--resume"])
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["global_step"] == 12
+
+
 # ---------------------------------------------------------------- checkpoint files
 
 
