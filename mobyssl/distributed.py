@@ -119,13 +119,13 @@ def gather_objects(obj) -> list:
     return out
 
 
-def agree_step(ok: torch.Tensor, stop: bool) -> tuple[bool, bool]:
-    """(ok on every rank, stop asked on any rank) for the step just taken; one small all-reduce."""
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (a collective: call it on all ranks)."""
     if not is_distributed():
-        return bool(ok), stop
-    flags = torch.stack([(~ok.detach().bool()).to(torch.int32), torch.tensor(int(stop), device=ok.device)])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return not bool(flags[0]), bool(flags[1])
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
 
 
 def mean_across_ranks(x: torch.Tensor) -> torch.Tensor:

@@ -78,12 +78,15 @@ class Method(nn.Module):
         return cosine_momentum(step, total_steps, self.base_momentum)
 
     @torch.no_grad()
-    def on_step_end(self, step: int, total_steps: int) -> dict[str, float]:
-        """After optimizer step number ``step`` (1-based): update the targets with momentum m(step)."""
+    def on_step_end(self, step: int, total_steps: int, apply: torch.Tensor | bool = True) -> dict[str, float]:
+        """After optimizer step number ``step`` (1-based): update the targets with momentum m(step).
+
+        ``apply``: False (or a False 0-d tensor, read on the device) when the step was skipped.
+        """
         pairs = self.momentum_pairs()
         if not pairs:
             return {}
         m = self.momentum_at(step, total_steps)
         for online, target in pairs:
-            ema_update(online, target, m)
+            ema_update(online, target, m, apply)
         return {"momentum": m}

@@ -6,35 +6,49 @@ import signal
 import threading
 from pathlib import Path
 
+import torch
+
 from ..data import DataError
 
 
 class NonFiniteGuard:
-    """Counts steps whose loss or gradient was not finite; asks to stop after ``max_consecutive`` in a row."""
+    """Counts steps whose loss or gradient was not finite; asks to stop after ``max_consecutive`` in a row.
+
+    ``record`` keeps the counts on the device (no host synchronisation per step); ``check`` reads them
+    where the trainer synchronises anyway (log and checkpoint steps), warns about skipped steps and says
+    whether to go on.
+    """
 
     def __init__(self, max_consecutive: int):
         self.max_consecutive = max_consecutive
-        self.consecutive = 0
+        self._streak = None  # device tensors
+        self._total = None
+        self.consecutive = 0  # host copies, as of the last check
         self.total = 0
-        self.first_bad_step = None
 
-    def update(self, ok: bool, step: int, warn) -> bool:
-        """Record step ``step``; False means stop the run."""
-        if ok:
-            self.consecutive = 0
+    def record(self, ok: torch.Tensor) -> None:
+        bad = (~ok.detach().bool()).to(torch.int64)
+        if self._streak is None:
+            self._streak, self._total = torch.zeros_like(bad), torch.zeros_like(bad)
+        self._streak = (self._streak + 1) * bad
+        self._total = self._total + bad
+
+    def check(self, step: int, warn) -> bool:
+        """Read the counts after step ``step``; False means stop the run."""
+        if self._streak is None:
             return True
-        self.consecutive += 1
-        self.total += 1
-        if self.consecutive == 1:
-            self.first_bad_step = step
-        warn(f"warning: step {step}: non-finite loss or gradient, step skipped "
-             f"({self.consecutive} in a row, limit train.max_bad_steps={self.max_consecutive})")
-        return self.consecutive < self.max_consecutive
+        streak, total = int(self._streak), int(self._total)
+        new = total - self.total
+        self.consecutive, self.total = streak, total
+        if new:
+            warn(f"warning: step {step}: {new} step(s) with a non-finite loss or gradient skipped since the last "
+                 f"check ({streak} in a row now, limit train.max_bad_steps={self.max_consecutive})")
+        return streak < self.max_consecutive
 
     def message(self, diagnostic: Path) -> str:
-        return (f"training diverged: {self.consecutive} steps in a row (from step {self.first_bad_step}) had a "
-                f"NaN/Inf loss or gradient. The model state is in {diagnostic}; the last good checkpoint is "
-                "untouched. Lower train.lr, raise train.warmup_epochs, or try train.amp=off, then resume.")
+        return (f"training diverged: {self.consecutive} steps in a row had a NaN/Inf loss or gradient. The model "
+                f"state is in {diagnostic}; the last good checkpoint is untouched. Lower train.lr, raise "
+                "train.warmup_epochs, or try train.amp=off, then resume.")
 
 
 class BadDataMonitor:

@@ -35,5 +35,10 @@ def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int
 
 
 def build_adamw(modules: list[nn.Module], lr: float, weight_decay: float, betas, device: torch.device):
-    kwargs = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, betas=tuple(betas), **kwargs)
+    """AdamW, fused where PyTorch has a fused kernel (CUDA; CPU from 2.4): one kernel per step, and a
+    non-finite step is skipped on the device (GradScaler's ``found_inf``) without a host synchronisation."""
+    groups = param_groups(modules, weight_decay)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, betas=tuple(betas))

@@ -60,9 +60,10 @@ def train_step(model, views: list, optimizer, scaler, lr: float, clip_grad: floa
 
     With ``accum_steps > 1`` the batch is split into micro-batches whose gradients add up (DDP
     synchronises only the last); the method's buffers (queues) update once, after the last one.
-    Returns the outputs (averaged over micro-batches) and ``ok``, a 0-d bool tensor: False when the
-    loss or the gradient norm is not finite, in which case the optimizer step was skipped. Momentum
-    updates are the caller's (``method.on_step_end``), so they can be skipped with it.
+    Returns the outputs (averaged over micro-batches) and ``ok``, a 0-d bool tensor on the device: False
+    when the loss or the gradient norm is not finite, in which case the optimizer step was skipped.
+    Momentum updates are the caller's (``method.on_step_end(..., apply=ok)``), so they are skipped with it.
+    ``scaler`` comes from ``make_scaler``.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -85,20 +86,22 @@ def train_step(model, views: list, optimizer, scaler, lr: float, clip_grad: floa
                     scaler.scale(out["loss"] / len(chunks)).backward()
                 parts.append({k: v.detach() for k, v in out.items()})
         outputs = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
-    scaler.unscale_(optimizer)
+    scaler.unscale_(optimizer)  # also finds inf/NaN gradients, on the device
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
-    ok = torch.isfinite(outputs["loss"].detach())
-    if scaler.is_enabled():
-        # fp16: the scaler skips steps with inf/NaN gradients itself and lowers its scale; only a
-        # non-finite loss counts as a bad step.
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        ok = ok & torch.isfinite(grad_norm)
-        if ok:  # host sync: one scalar per step
-            optimizer.step()
+    # The scaler skips the optimizer step when gradients are not finite; with a fused optimizer the
+    # decision stays on the device (no host synchronisation). Only fp16 needs a real loss scale.
+    scaler.step(optimizer)
+    scaler.update() if amp_dtype == torch.float16 else scaler.update(1.0)
+    ok = torch.isfinite(outputs["loss"].detach()) & torch.isfinite(grad_norm)
     return outputs, ok
+
+
+def make_scaler(device: torch.device, amp_dtype) -> torch.amp.GradScaler:
+    """fp16: a dynamic loss scale. Otherwise a constant scale of 1, used only to skip non-finite steps."""
+    if amp_dtype == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
 
 
 def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
@@ -156,7 +159,7 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
     sched = make_schedules(cfg, steps_per_epoch)
     optimizer = build_adamw(method.trainable_modules(), sched.lr[0], cfg.train.weight_decay,
                             cfg.train.betas, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = make_scaler(device, amp_dtype)
 
     start_epoch, global_step = 0, 0
     if state is not None:
@@ -226,15 +229,25 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
                 lr = sched.lr[global_step]
                 views = [v.to(device, non_blocking=True) for v in views]
                 outputs, ok = train_step(model, views, optimizer, scaler, lr, cfg.train.clip_grad, amp_dtype, accum)
-                ok, stop = D.agree_step(ok, stop_signals.signum is not None)
-                if not nonfinite.update(ok, global_step + 1, progress.write):
-                    save(out / DIAGNOSTIC)
-                    raise FloatingPointError(nonfinite.message(out / DIAGNOSTIC))
                 global_step += 1
-                extra = method.on_step_end(global_step, sched.total_steps) if ok else {}
+                extra = method.on_step_end(global_step, sched.total_steps, apply=ok)
+                nonfinite.record(ok)  # on the device: checked below, where the host waits anyway
                 seen += views[0].shape[0] * world
+                is_last = global_step >= last_step
+                end_of_epoch = global_step % steps_per_epoch == 0
+                log_due = global_step % cfg.train.log_every == 0 or is_last
+                save_due = (is_last or (cfg.train.save_every_steps and global_step % cfg.train.save_every_steps == 0)
+                            or (end_of_epoch and (global_step // steps_per_epoch) % cfg.train.save_every == 0))
+                # Ranks agree on a stop signal every step only where that costs nothing (one process).
+                stop = stop_signals.signum is not None
+                if world > 1:
+                    stop = (log_due or save_due) and D.any_rank(stop, device)
+                if log_due or save_due or stop:
+                    if not nonfinite.check(global_step, progress.write):
+                        save(out / DIAGNOSTIC)
+                        raise FloatingPointError(nonfinite.message(out / DIAGNOSTIC))
 
-                if global_step % cfg.train.log_every == 0 or global_step == last_step:
+                if log_due:
                     values = {k: D.mean_across_ranks(v.detach().float()).item() for k, v in outputs.items()}
                     img_s = seen / max(time.time() - tick, 1e-9)
                     if logger:
@@ -247,13 +260,8 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
                     tick, seen = time.time(), 0
                 else:
                     progress.update(global_step)
-                is_last = global_step >= last_step
-                end_of_epoch = global_step % steps_per_epoch == 0
-                healthy = nonfinite.consecutive == 0  # during a run of skipped steps, keep the last good file
-                save_due = (is_last or stop  # SIGTERM / Ctrl-C: keep this step, then leave
-                       or (cfg.train.save_every_steps and global_step % cfg.train.save_every_steps == 0)
-                       or (end_of_epoch and (global_step // steps_per_epoch) % cfg.train.save_every == 0))
-                if healthy and save_due:
+                # During a run of skipped steps keep the last good file; on SIGTERM / Ctrl-C keep this step.
+                if (save_due or stop) and nonfinite.consecutive == 0:
                     save()
                 if stop:
                     raise TrainingInterrupted(stop_signals.signum or signal.SIGTERM, global_step, out)

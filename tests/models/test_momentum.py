@@ -34,3 +34,13 @@ def test_copy_weights_freezes_target():
     copy_weights(online, target)
     assert torch.equal(online.weight, target.weight)
     assert not any(p.requires_grad for p in target.parameters())
+
+
+def test_ema_update_with_a_device_flag():
+    online, target = nn.Linear(3, 2), nn.Linear(3, 2)
+    t = [p.clone() for p in target.parameters()]
+    ema_update(online, target, 0.9, torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(t, target.parameters()))  # skipped step: untouched
+    ema_update(online, target, 0.9, torch.tensor(True))
+    for po, pt, new in zip(online.parameters(), t, target.parameters()):
+        assert torch.allclose(new, 0.9 * pt + 0.1 * po)

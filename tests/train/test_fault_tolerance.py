@@ -204,7 +204,7 @@ def test_nonfinite_step_is_skipped_and_training_continues(tiny_cfg, monkeypatch,
     _inject(monkeypatch, {2}, kind)
     result = pretrain(tiny_cfg("train.max_steps=4", "train.knn_every=-1"))
     assert result["global_step"] == 4
-    assert "step 2: non-finite loss or gradient, step skipped" in capsys.readouterr().out
+    assert "step 2: 1 step(s) with a non-finite loss or gradient skipped" in capsys.readouterr().out
     run = Path(tiny_cfg().output_dir)
     records = _records(run)
     assert records[-1]["skipped_steps"] == 1
@@ -220,8 +220,19 @@ def test_divergence_stops_with_diagnostic_checkpoint(tiny_cfg, monkeypatch):
                           "train.knn_every=-1"))
     assert "checkpoint_diagnostic.pth" in str(e.value)
     run = Path(tiny_cfg().output_dir)
-    assert load_checkpoint(run / "checkpoint_diagnostic.pth")["global_step"] == 4
+    assert load_checkpoint(run / "checkpoint_diagnostic.pth")["global_step"] == 5  # after bad steps 3, 4, 5
     assert load_checkpoint(run / "checkpoint.pth")["global_step"] == 2  # the last good step
+
+
+def test_divergence_is_caught_at_the_next_check_when_logging_sparsely(tiny_cfg, monkeypatch):
+    # Counts stay on the device between log steps (no per-step host sync); the stop comes at the next check.
+    _inject(monkeypatch, set(range(2, 100)), "loss")
+    with pytest.raises(FloatingPointError, match="steps in a row"):
+        pretrain(tiny_cfg("train.max_steps=30", "train.max_bad_steps=3", "train.log_every=5", "train.knn_every=-1"))
+    run = Path(tiny_cfg().output_dir)
+    assert load_checkpoint(run / "checkpoint_diagnostic.pth")["global_step"] == 5
+    state = load_checkpoint(run / "checkpoint_diagnostic.pth")
+    assert int(next(iter(state["optimizer"]["state"].values()))["step"]) == 1  # only step 1 was applied
 
 
 def test_collapse_is_reported(tiny_cfg, monkeypatch, capsys):
