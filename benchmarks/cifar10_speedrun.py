@@ -58,8 +58,8 @@ def main() -> None:
     device = resolve_device(base.train.device)
     amp = resolve_amp(base.train.amp, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"| date | device | config | overrides | budget (min) | epochs | pre-training time | k-NN k=20 T=0.07 "
-          f"| k-NN k=200 T=0.1 | linear (fast) |")
+    print("| date | device | config | overrides | budget (min) | epochs | pre-training time | k-NN k=20 T=0.07 "
+          "| k-NN k=200 T=0.1 | linear (fast) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for budget in args.budgets:
         epochs = max(1, math.floor(budget * 60 / per_step / steps_per_epoch))

@@ -44,8 +44,8 @@ def main() -> None:
     wall = time.time() - t0
 
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    print(f"\n| date | device | torch | config | overrides | wall time | k-NN top-1 k=20 (random init -> trained) | k=200 |")
-    print(f"|---|---|---|---|---|---|---|---|")
+    print("\n| date | device | torch | config | overrides | wall time | k-NN top-1 k=20 (random init -> trained) | k=200 |")
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| {datetime.date.today()} | {dev} | {torch.__version__} | {args.config} | {' '.join(args.overrides) or '-'} "
           f"| {wall / 60:.1f} min | {baseline['knn_top1_k20']:.1f} -> {trained['knn_top1_k20']:.1f} "
           f"| {baseline['knn_top1_k200']:.1f} -> {trained['knn_top1_k200']:.1f} |")

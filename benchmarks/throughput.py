@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mobyssl.build import build_method, build_train_dataset, make_loader
 from mobyssl.config import load_config
 from mobyssl.data.sampler import GlobalBatchSampler
-from mobyssl.build import build_method, build_train_dataset, make_loader
 from mobyssl.runtime import resolve_amp
 from mobyssl.train.optim import build_adamw
 from mobyssl.train.trainer import train_step

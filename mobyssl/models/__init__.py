@@ -1,7 +1,15 @@
 """Backbones and heads."""
 
-from .backbones import (ALIASES, PRESETS, BackboneError, TokenBatchNorm, available_backbones,
-                        create_backbone, feature_dim, tokens_and_pooled)
+from .backbones import (
+    ALIASES,
+    PRESETS,
+    BackboneError,
+    TokenBatchNorm,
+    available_backbones,
+    create_backbone,
+    feature_dim,
+    tokens_and_pooled,
+)
 from .heads import MLPHead
 
 __all__ = ["ALIASES", "PRESETS", "BackboneError", "TokenBatchNorm", "available_backbones",

@@ -31,8 +31,16 @@ from ..data.sampler import GlobalBatchSampler
 from ..eval.runner import run_knn
 from ..models.sync_bn import convert_sync_batchnorm
 from ..runtime import autocast, resolve_amp, resolve_device, rng_state, seed_everything, set_rng_state
-from .checkpoint import (DIAGNOSTIC, LATEST, CheckpointError, find_resumable, load_checkpoint, save_checkpoint,
-                         step_checkpoints, write_run_checkpoint)
+from .checkpoint import (
+    DIAGNOSTIC,
+    LATEST,
+    CheckpointError,
+    find_resumable,
+    load_checkpoint,
+    save_checkpoint,
+    step_checkpoints,
+    write_run_checkpoint,
+)
 from .guards import BadDataMonitor, CollapseMonitor, NonFiniteGuard, StopSignals, TrainingInterrupted
 from .logging import MetricsLogger, Progress
 from .optim import build_adamw, warmup_cosine

@@ -8,8 +8,15 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 
 from mobyssl.config import AugConfig
-from mobyssl.data.gpu_augment import (BatchMoBYAugment, _adjust, gaussian_blur, hsv_to_rgb, resized_crops,
-                                      rgb_to_hsv, sample_crop_boxes)
+from mobyssl.data.gpu_augment import (
+    BatchMoBYAugment,
+    _adjust,
+    gaussian_blur,
+    hsv_to_rgb,
+    resized_crops,
+    rgb_to_hsv,
+    sample_crop_boxes,
+)
 
 
 @pytest.mark.parametrize("hw", [(32, 32), (375, 500), (40, 200)])

@@ -1,21 +1,15 @@
 """Distributed misconfiguration fails on every rank before training, without hanging."""
 
 import os
-import socket
 import time
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from mobyssl.config import load_config
 from mobyssl.train.trainer import pretrain
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, folder, overrides_per_rank):
@@ -46,7 +40,7 @@ BASE = ["data.num_workers=0", "model.kwargs={depth: 1}", "train.max_steps=1", "t
     ("per-rank batch of 1", [BASE + ["train.batch_size=2", "method.queue_size=128"]] * 2, "at least 2"),
 ])
 def test_every_rank_reports_the_error(tmp_path, case, per_rank, expected):
-    ctx = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), per_rank), nprocs=2, join=False)
+    ctx = mp.spawn(_worker, args=(2, free_port(), str(tmp_path), per_rank), nprocs=2, join=False)
     deadline = time.time() + 180
     while not ctx.join(timeout=5):  # True once every rank has exited
         assert time.time() < deadline, f"{case}: ranks did not finish (hang)"

@@ -6,14 +6,13 @@ differences in (mathematically) zero gradients, such as those of a bias followed
 lr-sized steps, so there the losses and queues are compared and the weights only between ranks.
 """
 
-import pytest
-
 import os
-import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from mobyssl import distributed as D
 from mobyssl.methods import MoBY
@@ -72,12 +71,6 @@ def _worker(rank, world, port, folder, dtype):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TOLERANCE = {torch.float64: dict(loss=1e-9, atol=1e-9, rtol=1e-7), torch.float32: dict(loss=1e-4, atol=1e-3, rtol=1e-3)}
 
 
@@ -91,7 +84,7 @@ def test_two_processes_match_one_process(tmp_path, dtype):
         initial = _make_method().state_dict()
     finally:
         torch.set_default_dtype(default)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), dtype), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), dtype), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
 

@@ -45,8 +45,8 @@ def test_torchrun_pretrain_then_resume(tmp_path, tiny_overrides):
 
 def test_distributed_evaluation_matches_one_process(tmp_path, tiny_overrides):
     from mobyssl.cli import main
-    from mobyssl.train.trainer import pretrain
     from mobyssl.config import load_config
+    from mobyssl.train.trainer import pretrain
 
     run = tmp_path / "run"
     pretrain(load_config("quickstart", [*tiny_overrides, f"output_dir={run}", "train.max_steps=2",

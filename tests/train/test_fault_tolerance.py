@@ -2,7 +2,6 @@
 broken image files, a read-only output directory, a checkpoint write that fails halfway."""
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -12,34 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import metrics_records
 from PIL import Image
 
 from mobyssl.cli import main
 from mobyssl.data import DataError
 from mobyssl.methods import MoBY
 from mobyssl.train import checkpoint as ckpt_mod
-from mobyssl.train.checkpoint import (CheckpointError, load_checkpoint, step_checkpoints, write_run_checkpoint)
+from mobyssl.train.checkpoint import load_checkpoint, step_checkpoints, write_run_checkpoint
 from mobyssl.train.trainer import pretrain
-
-
-def _records(run, kind="train"):
-    path = Path(run) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by SIGKILL
-            continue
-        if r["type"] == kind:
-            out.append(r)
-    return out
 
 
 def _losses(run):
     """Last logged loss per step (a resumed run logs the steps after its checkpoint again)."""
-    return {r["step"]: r["loss"] for r in _records(run)}
+    return {r["step"]: r["loss"] for r in metrics_records(run)}
 
 
 # ---------------------------------------------------------------- kill -9 and exact resume
@@ -206,7 +191,7 @@ def test_nonfinite_step_is_skipped_and_training_continues(tiny_cfg, monkeypatch,
     assert result["global_step"] == 4
     assert "step 2: 1 step(s) with a non-finite loss or gradient skipped" in capsys.readouterr().out
     run = Path(tiny_cfg().output_dir)
-    records = _records(run)
+    records = metrics_records(run)
     assert records[-1]["skipped_steps"] == 1
     state = load_checkpoint(run / "checkpoint.pth")
     assert int(next(iter(state["optimizer"]["state"].values()))["step"]) == 3  # 4 steps, 1 skipped
@@ -250,7 +235,7 @@ def test_collapse_is_reported(tiny_cfg, monkeypatch, capsys):
 
 def test_healthy_run_logs_collapse_statistics_without_warning(tiny_cfg, capsys):
     pretrain(tiny_cfg("train.max_steps=3", "train.knn_every=-1"))
-    records = _records(tiny_cfg().output_dir)
+    records = metrics_records(tiny_cfg().output_dir)
     assert all(0.1 < r["feature_std"] <= 1.5 and -1 <= r["neg_sim"] < 0.9 for r in records)
     assert "collapsing" not in capsys.readouterr().out
 
@@ -294,7 +279,7 @@ def test_bad_images_are_skipped_listed_and_counted(tmp_path, tiny_cfg, capfd):
     err = capfd.readouterr().err
     for name in bad:
         assert f"a/{name}" in err
-    skipped = _records(cfg.output_dir)[-1]["skipped_images"]
+    skipped = metrics_records(cfg.output_dir)[-1]["skipped_images"]
     assert len(bad) <= skipped <= len(bad) + 2  # a replacement may itself be bad
 
 

@@ -4,16 +4,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import metrics_records
 
 from mobyssl.cli import main
 from mobyssl.models.momentum import cosine_momentum
 from mobyssl.train.checkpoint import CheckpointError, load_checkpoint
 from mobyssl.train.trainer import pretrain
-
-
-def _records(run, kind):
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["type"] == kind]
 
 
 def test_pretrain_writes_outputs_and_checkpoint(tiny_cfg):
@@ -23,12 +19,12 @@ def test_pretrain_writes_outputs_and_checkpoint(tiny_cfg):
     assert result["global_step"] == 3
     assert (run / "config.yaml").is_file()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    train = _records(run, "train")
+    train = metrics_records(run, "train")
     assert [r["step"] for r in train] == [1, 2, 3]
     assert all(r["loss"] > 0 and r["img_per_s"] > 0 for r in train)
     # Momentum follows the cosine schedule over the full run (2 epochs x 31 steps), not max_steps.
     assert train[0]["momentum"] == pytest.approx(cosine_momentum(1, 62, 0.99), abs=1e-6)
-    knn = _records(run, "knn")
+    knn = metrics_records(run, "knn")
     assert knn and 0 <= knn[-1]["knn_top1_k20"] <= 100 and "knn_top5_k200" in knn[-1]
     state = load_checkpoint(run / "checkpoint.pth")
     assert {"method", "optimizer", "scaler", "rng", "epoch", "global_step", "config"} <= set(state)
@@ -43,9 +39,9 @@ def test_resume_continues_step_counter_queue_and_momentum(tiny_cfg):
     result = pretrain(cfg, resume=True)
     assert result["global_step"] == 4
     run = Path(cfg.output_dir)
-    steps = [r["step"] for r in _records(run, "train")]
+    steps = [r["step"] for r in metrics_records(run, "train")]
     assert steps == [1, 2, 3, 4]  # the resumed run logs steps 3 and 4, not 1 and 2 again
-    resumed = [r for r in _records(run, "train") if r["step"] == 3][0]
+    resumed = [r for r in metrics_records(run, "train") if r["step"] == 3][0]
     assert resumed["momentum"] == pytest.approx(cosine_momentum(3, 62, 0.99), abs=1e-6)
     state = load_checkpoint(run / "checkpoint.pth")
     assert int(state["method"]["criterion.queue_1.ptr"]) == 0  # 4 x 32 = 128 = queue size: wrapped

@@ -1,0 +1,27 @@
+"""Helpers shared by several test modules (importable because pytest puts tests/ on sys.path)."""
+
+import json
+import socket
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics_records(run, kind: str = "train") -> list[dict]:
+    """Records of one type from ``run/metrics.jsonl``; a line cut short by a killed process is ignored."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["type"] == kind:
+            out.append(record)
+    return out
