@@ -59,10 +59,12 @@ def build_eval_datasets(cfg: Config, train_transform=None):
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool = False,
-                drop_last: bool = False, generator: torch.Generator | None = None, sampler=None) -> DataLoader:
+                drop_last: bool = False, generator: torch.Generator | None = None, sampler=None,
+                collate_fn=None) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
                       sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0)
+                      drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0,
+                      collate_fn=collate_fn)
 
 
 def device_loader(cfg: Config, dataset, sampler, batch_size: int, device: torch.device):
@@ -82,7 +84,7 @@ def device_loader(cfg: Config, dataset, sampler, batch_size: int, device: torch.
         return ResidentLoader(resident, sampler, batch_size, augment, seed=cfg.train.seed, rank=D.rank())
     from .data.device_decode import DeviceDecodeLoader, EncodedDataset, collate_encoded
 
-    loader = DataLoader(EncodedDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, collate_fn=collate_encoded,
-                        persistent_workers=cfg.data.num_workers > 0, generator=torch.Generator().manual_seed(0))
+    loader = make_loader(EncodedDataset(dataset), batch_size, cfg.data.num_workers, torch.device("cpu"),
+                         drop_last=True, sampler=sampler, collate_fn=collate_encoded,
+                         generator=torch.Generator().manual_seed(cfg.train.seed))
     return DeviceDecodeLoader(loader, sampler, augment, device, dataset.source, seed=cfg.train.seed, rank=D.rank())

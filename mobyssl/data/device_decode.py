@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from .datasets import DataError
-from .training import sample_seed
+from .training import batch_generator
 
 
 class EncodedDataset(Dataset):
@@ -89,7 +89,5 @@ class DeviceDecodeLoader:
         epoch, start = self.sampler.epoch, self.sampler.start_step
         for b, (data, labels, keys) in enumerate(self.loader):
             images, failed = decode_batch(data, keys, self.device, self.source)
-            g = torch.Generator(device=self.device)
-            g.manual_seed(sample_seed(self.seed, epoch, (start + b) * 1024 + self.rank))
-            views = self.augment(images, g)
+            views = self.augment(images, batch_generator(self.device, self.seed, epoch, start + b, self.rank))
             yield views, labels.to(self.device, non_blocking=True), ["\n".join(failed)]

@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms import functional as TF
 
 from .datasets import DataError
-from .training import sample_seed
+from .training import batch_generator
 
 
 class ResidentImages:
@@ -77,7 +77,5 @@ class ResidentLoader:
             epoch = chunk[0][0]
             step = self.sampler.start_step + b
             idx = torch.tensor([i for _, i in chunk], device=device)
-            g = torch.Generator(device=device)
-            g.manual_seed(sample_seed(self.seed, epoch, step * 1024 + self.rank))
-            views = self.augment(self.resident.images[idx], g)
+            views = self.augment(self.resident.images[idx], batch_generator(device, self.seed, epoch, step, self.rank))
             yield views, self.resident.labels[idx], [""]

@@ -23,6 +23,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63 - 1)
 
 
+def batch_generator(device: torch.device, seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+    """The augmentation RNG of one batch on the device pipelines: a function of (seed, epoch, step, rank)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(sample_seed(seed, epoch, step * 1024 + rank))
+    return g
+
+
 class TrainingDataset(Dataset):
     """Wraps an image dataset; ``ds[(epoch, i)] -> (views, label, failed)``.
 

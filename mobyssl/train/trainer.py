@@ -185,8 +185,7 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
         model = torch.compile(model)
 
     logger = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    if main:  # _check_writable created output_dir
         (out / "config.yaml").write_text(to_yaml(cfg))
         logger = MetricsLogger(out)
     n_params = sum(p.numel() for p in method.backbone.parameters()) / 1e6
@@ -223,69 +222,70 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
     collapse = CollapseMonitor()
     results: dict = {}
     method.train()
-    stop_signals = StopSignals()
     try:
-        stop_signals.__enter__()
-        for epoch in range(start_epoch, cfg.train.epochs):
-            if global_step >= last_step:
-                break
-            # Data order and augmentations depend only on (seed, epoch, index): a resumed run sees the same.
-            sampler.set_epoch(epoch, start_step=global_step - epoch * steps_per_epoch)
-            tick, seen = time.time(), 0
-            for views, _, failed in loader:
-                bad_data.update(len(views[0]), failed, progress.write)
-                lr = sched.lr[global_step]
-                views = [v.to(device, non_blocking=True) for v in views]
-                outputs, ok = train_step(model, views, optimizer, scaler, lr, cfg.train.clip_grad, amp_dtype, accum)
-                global_step += 1
-                extra = method.on_step_end(global_step, sched.total_steps, apply=ok)
-                nonfinite.record(ok)  # on the device: checked below, where the host waits anyway
-                seen += views[0].shape[0] * world
-                is_last = global_step >= last_step
-                end_of_epoch = global_step % steps_per_epoch == 0
-                log_due = global_step % cfg.train.log_every == 0 or is_last
-                save_due = (is_last or (cfg.train.save_every_steps and global_step % cfg.train.save_every_steps == 0)
-                            or (end_of_epoch and (global_step // steps_per_epoch) % cfg.train.save_every == 0))
-                # Ranks agree on a stop signal every step only where that costs nothing (one process).
-                stop = stop_signals.signum is not None
-                if world > 1:
-                    stop = (log_due or save_due) and D.any_rank(stop, device)
-                if log_due or save_due or stop:
-                    if not nonfinite.check(global_step, progress.write):
-                        save(out / DIAGNOSTIC)
-                        raise FloatingPointError(nonfinite.message(out / DIAGNOSTIC))
-
-                if log_due:
-                    values = {k: D.mean_across_ranks(v.detach().float()).item() for k, v in outputs.items()}
-                    img_s = seen / max(time.time() - tick, 1e-9)
-                    if logger:
-                        logger.log("train", global_step, epoch=round(global_step / steps_per_epoch, 3), lr=lr,
-                                   img_per_s=img_s, skipped_steps=nonfinite.total,
-                                   skipped_images=bad_data.failed, **values, **extra)
-                    collapse.check(values, global_step, progress.write)
-                    progress.update(global_step, epoch=f"{global_step / steps_per_epoch:.2f}",
-                                    loss=values["loss"], lr=lr, **{"img/s": round(img_s, 1)})
-                    tick, seen = time.time(), 0
-                else:
-                    progress.update(global_step)
-                # During a run of skipped steps keep the last good file; on SIGTERM / Ctrl-C keep this step.
-                if (save_due or stop) and nonfinite.consecutive == 0:
-                    save()
-                if stop:
-                    raise TrainingInterrupted(stop_signals.signum or signal.SIGTERM, global_step, out)
-                if is_last:
+        with StopSignals() as stop_signals:
+            for epoch in range(start_epoch, cfg.train.epochs):
+                if global_step >= last_step:
                     break
+                # Data order and augmentations depend only on (seed, epoch, index): a resumed run sees the same.
+                sampler.set_epoch(epoch, start_step=global_step - epoch * steps_per_epoch)
+                tick, seen = time.time(), 0
+                for views, _, failed in loader:
+                    bad_data.update(len(views[0]), failed, progress.write)
+                    lr = sched.lr[global_step]
+                    views = [v.to(device, non_blocking=True) for v in views]
+                    outputs, ok = train_step(model, views, optimizer, scaler, lr, cfg.train.clip_grad, amp_dtype, accum)
+                    global_step += 1
+                    extra = method.on_step_end(global_step, sched.total_steps, apply=ok)
+                    nonfinite.record(ok)  # on the device: checked below, where the host waits anyway
+                    seen += views[0].shape[0] * world
+                    is_last = global_step >= last_step
+                    end_of_epoch = global_step % steps_per_epoch == 0
+                    log_due = global_step % cfg.train.log_every == 0 or is_last
+                    save_due = (is_last
+                                or (cfg.train.save_every_steps and global_step % cfg.train.save_every_steps == 0)
+                                or (end_of_epoch and (global_step // steps_per_epoch) % cfg.train.save_every == 0))
+                    # Ranks agree on a stop signal every step only where that costs nothing (one process).
+                    stop = stop_signals.signum is not None
+                    if world > 1:
+                        stop = (log_due or save_due) and D.any_rank(stop, device)
+                    if log_due or save_due or stop:
+                        if not nonfinite.check(global_step, progress.write):
+                            save(out / DIAGNOSTIC)
+                            raise FloatingPointError(nonfinite.message(out / DIAGNOSTIC))
 
-            done_epochs = global_step // steps_per_epoch
-            due = cfg.train.knn_every > 0 and global_step % steps_per_epoch == 0 and done_epochs % cfg.train.knn_every == 0
-            if knn_enabled and (due or global_step >= last_step):
-                results = run_knn(cfg, method.backbone, device, amp_dtype, eval_sets)
-                if logger:
-                    logger.log("knn", global_step, epoch=done_epochs, **results)
-                progress.write(f"k-NN at epoch {global_step / steps_per_epoch:g} (step {global_step}): " + _fmt(results))
-                method.train()
+                    if log_due:
+                        values = {k: D.mean_across_ranks(v.detach().float()).item() for k, v in outputs.items()}
+                        img_s = seen / max(time.time() - tick, 1e-9)
+                        if logger:
+                            logger.log("train", global_step, epoch=round(global_step / steps_per_epoch, 3), lr=lr,
+                                       img_per_s=img_s, skipped_steps=nonfinite.total,
+                                       skipped_images=bad_data.failed, **values, **extra)
+                        collapse.check(values, global_step, progress.write)
+                        progress.update(global_step, epoch=f"{global_step / steps_per_epoch:.2f}",
+                                        loss=values["loss"], lr=lr, **{"img/s": round(img_s, 1)})
+                        tick, seen = time.time(), 0
+                    else:
+                        progress.update(global_step)
+                    # During a run of skipped steps keep the last good file; on SIGTERM / Ctrl-C keep this step.
+                    if (save_due or stop) and nonfinite.consecutive == 0:
+                        save()
+                    if stop:
+                        raise TrainingInterrupted(stop_signals.signum or signal.SIGTERM, global_step, out)
+                    if is_last:
+                        break
+
+                done_epochs = global_step // steps_per_epoch
+                due = (cfg.train.knn_every > 0 and global_step % steps_per_epoch == 0
+                       and done_epochs % cfg.train.knn_every == 0)
+                if knn_enabled and (due or global_step >= last_step):
+                    results = run_knn(cfg, method.backbone, device, amp_dtype, eval_sets)
+                    if logger:
+                        logger.log("knn", global_step, epoch=done_epochs, **results)
+                    progress.write(f"k-NN at epoch {global_step / steps_per_epoch:g} (step {global_step}): "
+                                   + _fmt(results))
+                    method.train()
     finally:
-        stop_signals.__exit__(None, None, None)
         progress.close()
         if logger:
             logger.close()
