@@ -20,9 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or override that cannot be turned into a valid config."""
+from .errors import ConfigError
 
 
 def _f(default, help: str, **kw):

@@ -15,15 +15,13 @@ from typing import Callable, Optional
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..errors import DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 BUNDLED = {
     "cifar10-sample-train": "cifar10-sample-train.zip",
     "cifar10-sample-test": "cifar10-sample-test.zip",
 }
-
-
-class DataError(ValueError):
-    """A data source that cannot be used, with what to do about it."""
 
 
 def _is_image(name: str) -> bool:

@@ -15,6 +15,8 @@ import timm
 import torch
 from torch import nn
 
+from ..errors import BackboneError
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -53,10 +55,6 @@ ALIASES = {
     "deit_base": "deit_base_patch16_224",
     "vit_tiny": "vit_tiny_patch16_224",
 }
-
-
-class BackboneError(ValueError):
-    """An unknown backbone name or arguments the backbone cannot take."""
 
 
 class TokenBatchNorm(nn.Module):

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
+
 LATEST = "checkpoint.pth"
 DIAGNOSTIC = "checkpoint_diagnostic.pth"
 _STEP_RE = re.compile(r"checkpoint_step(\d{8})\.pth")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or not what was expected."""
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
