@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 from .config import Config
 from .data import DataError, eval_transform, open_dataset
 from .data.training import TrainingDataset
+from .errors import ConfigError
 from .methods import Method, get_method
 from .models import create_backbone
 
@@ -73,14 +74,15 @@ def device_loader(cfg: Config, dataset, sampler, batch_size: int, device: torch.
     from .data.gpu_augment import BatchMoBYAugment
 
     if cfg.method.name != "moby":
-        raise ValueError(f"data.pipeline={cfg.data.pipeline} implements MoBY's augmentation only; use "
+        raise ConfigError(f"data.pipeline={cfg.data.pipeline} implements MoBY's augmentation only; use "
                          f"data.pipeline=cpu for method.name={cfg.method.name}")
     augment = BatchMoBYAugment(cfg.data.image_size, cfg.data.aug, cfg.data.normalization)
     if cfg.data.pipeline == "gpu_resident":
         from .data.resident import ResidentImages, ResidentLoader
 
         limit = int(0.25 * torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else None
-        resident = ResidentImages(dataset, cfg.data.image_size, device, max_bytes=limit)
+        resident = ResidentImages(dataset, cfg.data.image_size, device, max_bytes=limit,
+                                  max_bad_fraction=cfg.data.max_bad_fraction)
         return ResidentLoader(resident, sampler, batch_size, augment, seed=cfg.train.seed, rank=D.rank())
     from .data.device_decode import DeviceDecodeLoader, EncodedDataset, collate_encoded
 

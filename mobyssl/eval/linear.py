@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .. import distributed as D
 from ..runtime import autocast
+from .features import IGNORE_LABEL
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -71,11 +73,17 @@ def linear_probe_fast(train_feats: torch.Tensor, train_labels: torch.Tensor, tes
 def linear_probe_full(backbone: nn.Module, train_loader: DataLoader, test_feats: torch.Tensor,
                       test_labels: torch.Tensor, num_classes: int, device: torch.device, amp_dtype=None,
                       epochs: int = 100, lr: float = 1.0, lr_ref_batch: int = 512, momentum: float = 0.9,
-                      weight_decay: float = 0.0, log=None) -> dict[str, float]:
+                      weight_decay: float = 0.0, log=None,
+                      check_unreadable: Callable[[set[str]], None] | None = None) -> dict[str, float]:
     """The paper's linear protocol on augmented images through the frozen ``backbone``.
 
     ``train_loader`` yields this rank's images; under torchrun the head's gradients are averaged
     across ranks (DDP) and the lr follows the global batch. ``test_feats`` ``(M, D)`` are precomputed.
+
+    Over a ``SkipUnreadable`` dataset the loader yields ``(images, labels, keys)``: an unreadable image
+    has label ``IGNORE_LABEL`` and no part in the loss (a batch of nothing else makes a zero loss, so
+    ranks stay in step). ``check_unreadable`` is called on every rank at the end of each epoch with the
+    keys this rank found unreadable so far (it may gather them and raise to stop).
     """
     backbone.eval()
     for p in backbone.parameters():
@@ -89,18 +97,28 @@ def linear_probe_full(backbone: nn.Module, train_loader: DataLoader, test_feats:
     opt = _sgd(head, base_lr, momentum, weight_decay)
     total, step = epochs * len(train_loader), 0
     t0 = time.time()
+    failed: set[str] = set()
     for epoch in range(epochs):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
-        for images, y in train_loader:
+        for batch in train_loader:
+            images, y = batch[0], batch[1]
+            bad = [k for k in batch[2] if k] if len(batch) > 2 else []
+            failed.update(bad)
             _cosine_lr(opt, base_lr, step, total)
             with torch.no_grad(), autocast(device, amp_dtype):
                 f = backbone(images.to(device, non_blocking=True))
-            loss = F.cross_entropy(model(f.float()), y.to(device))
+            logits = model(f.float())
+            if bad and len(bad) == len(y):
+                loss = logits.sum() * 0.0  # nothing to learn from; still a backward for DDP
+            else:
+                loss = F.cross_entropy(logits, y.to(device), ignore_index=IGNORE_LABEL)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
+        if check_unreadable is not None:
+            check_unreadable(failed)
         if log and D.is_main_process():
             log(f"linear epoch {epoch + 1}/{epochs}  loss {loss.item():.4f}  {time.time() - t0:.0f}s")
     with torch.no_grad():

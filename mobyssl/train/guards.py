@@ -45,14 +45,22 @@ class NonFiniteGuard:
                  f"check ({streak} in a row now, limit train.max_bad_steps={self.max_consecutive})")
         return streak < self.max_consecutive
 
-    def message(self, diagnostic: Path) -> str:
-        return (f"training diverged: {self.consecutive} steps in a row had a NaN/Inf loss or gradient. The model "
-                f"state is in {diagnostic}; the last good checkpoint is untouched. Lower train.lr, raise "
-                "train.warmup_epochs, or try train.amp=off, then resume.")
+    def message(self, diagnostic: Path | None) -> str:
+        where = f"The model state is in {diagnostic}" if diagnostic else "The diagnostic checkpoint could not be written"
+        return (f"training diverged: {self.consecutive} steps in a row had a NaN/Inf loss or gradient. {where}; the "
+                "last good checkpoint is untouched. Lower train.lr, raise train.warmup_epochs, or try train.amp=off, "
+                "then resume.")
 
 
 class BadDataMonitor:
-    """Counts unreadable training images (already skipped by the dataset) and stops past a failure rate."""
+    """Counts unreadable training images (already skipped by the dataset) and stops past a failure rate.
+
+    ``update`` takes each batch's ``failed`` element: newline-joined file names per entry, as the CPU
+    DataLoader and the gpu_decode loader yield them. A ``failed`` element with a ``dataset_total``
+    attribute (``UnreadableAtStart``, from the gpu_resident loader) lists files found in one pass over the
+    whole dataset of that many images: they are counted with ``preload``, so the rate is judged over the
+    dataset, not over the first batch.
+    """
 
     def __init__(self, max_fraction: float, source: str, min_images: int = 200):
         self.max_fraction = max_fraction
@@ -64,9 +72,24 @@ class BadDataMonitor:
 
     def update(self, batch_size: int, failed: list[str], warn) -> None:
         names = [n for entry in failed if entry for n in entry.split("\n")]
+        total = getattr(failed, "dataset_total", None)
+        if total is not None:
+            self.preload(names, total)
+            self.seen += batch_size
+            return
         self.seen += batch_size + len(names)
         self.failed += len(names)
         self.files.extend(names)
+        self._check()
+
+    def preload(self, names: list[str], total: int) -> None:
+        """Count ``names``, the unreadable files among ``total`` images all read up front; raises past the rate."""
+        self.seen += total
+        self.failed += len(names)
+        self.files.extend(names)
+        self._check()
+
+    def _check(self) -> None:
         if not self.failed:
             return
         rate = self.failed / self.seen
