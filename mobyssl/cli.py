@@ -1,10 +1,17 @@
-"""The ``mobyssl`` command line."""
+"""The ``mobyssl`` command line.
+
+One error boundary (``main``): expected failures (``MobysslError``: config, data, checkpoint, output paths;
+file-system errors; running out of memory) are printed as one line naming the key or file and the fix, with
+exit code 2. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -17,7 +24,9 @@ examples:
   mobyssl pretrain                                  # quickstart: tiny ViT on the bundled CIFAR-10 sample
   mobyssl pretrain --config moby_swin_tiny_in1k data.train=/data/imagenet/train data.test=/data/imagenet/val
   mobyssl pretrain --config moby_swin_tiny_in1k train.epochs=100 train.batch_size=256 --print-config
-  mobyssl pretrain --config my_recipe.yaml output_dir=runs/exp1 --resume
+  mobyssl pretrain --config my_recipe.yaml output_dir=runs/exp1 --dry-run   # check everything, train nothing
+  mobyssl pretrain output_dir=runs/exp1 --resume    # continue a run with its own config
+  mobyssl pretrain output_dir=runs/exp1 --resume train.epochs=600 --accept-changes   # train it longer
 """,
     "knn": """\
 examples:
@@ -34,22 +43,33 @@ examples:
 
 
 def _config_help() -> str:
-    from .config import iter_fields
+    from .config import METHOD_OPTIONS, Config, describe_constraint, iter_field_infos, method_names
 
     lines = ["config keys (set with key=value; values are YAML):"]
-    for key, default, text in iter_fields():
-        lines.append(f"  {key} = {json.dumps(default)}")
-        for chunk in textwrap.wrap(text, 90):
+
+    def add(key, default, info):
+        bounds = describe_constraint(info)
+        lines.append(f"  {key} = {json.dumps(default)}" + (f"   ({bounds})" if bounds else ""))
+        for chunk in textwrap.wrap(info.description or "", 90):
             lines.append(f"      {chunk}")
+
+    for key, default, info in iter_field_infos():
+        if not key.startswith("method."):
+            add(key, default, info)
+    for name in method_names():
+        lines.append(f"method.* keys of method.name={name}:")
+        for key, default, info in iter_field_infos(Config(method=METHOD_OPTIONS[name]())):
+            if key.startswith("method."):
+                add(key, default, info)
     return "\n".join(lines)
 
 
-def _add_common(p: argparse.ArgumentParser, default_recipe: str | None) -> None:
-    p.add_argument("--config", default=default_recipe, metavar="RECIPE",
-                   help="recipe name (see `mobyssl recipes`) or path to a YAML file"
-                        + (f" (default: {default_recipe})" if default_recipe else
-                           "; default: the config stored in --checkpoint"))
+def _add_common(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument("--config", default=None, metavar="RECIPE",
+                   help=f"recipe name (see `mobyssl recipes`) or path to a YAML file (default: {default_help})")
     p.add_argument("--print-config", action="store_true", help="print the fully resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, the data, the model and the output paths, then exit without work")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides, e.g. train.epochs=100 data.train=/data/train")
 
@@ -65,106 +85,181 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="self-supervised pre-training", formatter_class=fmt,
                        description="Pre-train a backbone. Writes config.yaml, metrics.jsonl, tensorboard/ and "
-                                   "checkpoint.pth into output_dir.",
+                                   "checkpoints into output_dir, which must be new or empty for a new run.",
                        epilog=EXAMPLES["pretrain"] + "\n" + _config_help())
-    _add_common(p, "quickstart")
+    _add_common(p, "quickstart; with --resume, the config stored in the checkpoint")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the newest checkpoint in output_dir that loads (broken ones are reported and "
-                        "skipped), or from the given checkpoint file")
+                        "skipped), or from the given checkpoint file. Without --config the checkpoint's own config "
+                        "is used (overrides apply on top)")
+    p.add_argument("--accept-changes", action="store_true",
+                   help="with --resume: continue although the config differs from the checkpoint's in keys that "
+                        "change the run (e.g. train.epochs, train.lr); they are listed either way")
 
     for name, desc in (("knn", "weighted k-NN evaluation of a frozen backbone (DINO protocol)"),
                        ("linear", "linear probe of a frozen backbone (paper protocol, or linear.mode=fast)")):
         p = sub.add_parser(name, help=desc, description=desc, formatter_class=fmt,
                            epilog=EXAMPLES[name] + "\n" + _config_help())
-        _add_common(p, None)
-        p.add_argument("--checkpoint", metavar="PATH",
-                       help="pre-training checkpoint (or exported backbone) whose online backbone is evaluated")
-        p.add_argument("--random-init", action="store_true",
-                       help="evaluate a randomly initialised backbone as a baseline (architecture from --config, default quickstart)")
+        _add_common(p, "the config stored in --checkpoint; quickstart with --random-init")
+        which = p.add_mutually_exclusive_group()
+        which.add_argument("--checkpoint", metavar="PATH",
+                           help="pre-training checkpoint (or exported backbone) whose backbone is evaluated")
+        which.add_argument("--random-init", action="store_true",
+                           help="evaluate a randomly initialised backbone as a baseline (architecture from --config, "
+                                "default quickstart)")
         p.add_argument("--output", metavar="JSON", help="also write the results to this JSON file")
 
     p = sub.add_parser("export", help="write the backbone's weights in timm's key layout",
                        description="Extract the online backbone from a pre-training checkpoint as a plain "
-                                   "state dict that timm.create_model(..., num_classes=0) loads.")
+                                   "state dict that timm.create_model(..., num_classes=0) loads. Never writes over "
+                                   "a training checkpoint; writes atomically.")
     p.add_argument("--checkpoint", required=True, metavar="PATH")
     p.add_argument("--output", required=True, metavar="PATH", help="e.g. backbone.pth")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file (never a training checkpoint)")
 
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("backbones", help="list small-image presets and backbone aliases")
     sub.add_parser("methods", help="list the self-supervised methods")
+    sub.add_parser("config-schema", help="print the JSON schema of recipe files (for editors)")
     return parser
 
 
-def _load_cfg(args, checkpoint_state: dict | None):
-    from .config import Config, apply_overrides, from_dict, load_config
+# --------------------------------------------------------------------------- commands
 
-    if args.config or checkpoint_state is None:
+
+def _eval_config(args, state: dict | None):
+    """--config (recipe + overrides), else the checkpoint's stored config + overrides, else quickstart."""
+    from .config import Config, apply_overrides, from_dict, load_config
+    from .errors import CheckpointError
+
+    if args.config or state is None:
         return load_config(args.config or "quickstart", args.overrides)
-    cfg_dict = checkpoint_state.get("config")
-    if cfg_dict is None:
-        raise ValueError(f"{args.checkpoint} stores no config; pass --config with the recipe it was trained with")
-    return from_dict(Config, apply_overrides(cfg_dict, args.overrides))
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{args.checkpoint} stores no config (an exported backbone?); pass --config with the "
+                              "recipe it was trained with, plus the overrides that set its model and image size")
+    return from_dict(Config, apply_overrides(copy.deepcopy(saved), args.overrides))
 
 
 def _cmd_pretrain(args) -> int:
-    from .config import load_config, to_yaml
-    from .train.trainer import pretrain
+    from .config import Config, apply_overrides, from_dict, load_config, to_yaml
+    from .errors import ConfigError
+    from .train.trainer import find_resume_point, pretrain
 
-    cfg = load_config(args.config, args.overrides)
+    if args.accept_changes and not args.resume:
+        raise ConfigError("--accept-changes only applies with --resume")
+    point = None
+    if args.resume and not args.config:
+        # The run's own config continues it; output_dir comes from the overrides (or the default).
+        out = load_config("quickstart", [o for o in args.overrides if o.split("=", 1)[0].strip() == "output_dir"])
+        point = find_resume_point(out.output_dir, args.resume)
+        cfg = from_dict(Config, apply_overrides(point.config(), args.overrides))
+    else:
+        cfg = load_config(args.config or "quickstart", args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    pretrain(cfg, resume=args.resume)
+    result = pretrain(cfg, resume=point or args.resume, accept_changes=args.accept_changes, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"dry run: config, data, model and output_dir={cfg.output_dir} checked; nothing was written "
+              f"({result['steps_per_epoch']} steps/epoch x {cfg.train.epochs} epochs)")
     return 0
 
 
+def _describe_checkpoint(state: dict, path: str) -> str:
+    """Which network a report is about: the file, its step and architecture."""
+    cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
+    backbone = cfg.get("model", {}).get("backbone")
+    parts = [f"step {state['global_step']}" if "global_step" in state else "an exported backbone",
+             f"{cfg.get('method', {}).get('name', '?')} online encoder" if "method" in state else None, backbone]
+    return f"checkpoint {path} ({', '.join(p for p in parts if p)})"
+
+
 def _cmd_eval(args) -> int:
-    from .build import build_backbone
-    from .config import to_yaml, validate
+    from .build import build_backbone, build_eval_datasets
     from .distributed import init_distributed, is_main_process
+    from .errors import ConfigError
     from .eval.runner import run_knn, run_linear
     from .runtime import resolve_amp, resolve_device, seed_everything
     from .train.checkpoint import backbone_state_dict, load_backbone_weights, load_checkpoint
+    from .train.compat import check_backbone_fits
+    from .train.rundir import check_output_file
 
     if not args.checkpoint and not args.random_init:
-        raise ValueError("pass --checkpoint PATH (or --random-init with --config for an untrained baseline)")
+        raise ConfigError("pass --checkpoint PATH (or --random-init with --config for an untrained baseline)")
+    output = check_output_file(args.output, "--output") if args.output else None
+    if output is not None and output.exists() and not _is_results_file(output):
+        from .errors import RunDirError
+
+        raise RunDirError(f"--output {output} exists and is not a results file written by mobyssl; choose another "
+                          "file name (nothing was overwritten)")
     state = load_checkpoint(args.checkpoint) if args.checkpoint else None
-    cfg = _load_cfg(args, state)
+    cfg = _eval_config(args, state)
     if args.print_config:
+        from .config import to_yaml
+
         print(to_yaml(cfg), end="")
         return 0
-    validate(cfg)
+    if state is not None:
+        check_backbone_fits(state.get("config"), cfg, args.checkpoint)
     seed_everything(cfg.train.seed)
     device = init_distributed(resolve_device(cfg.train.device))
     amp_dtype = resolve_amp(cfg.train.amp, device)
     backbone = build_backbone(cfg, drop_path_rate=0.0)
     if state is not None:
         load_backbone_weights(backbone, backbone_state_dict(state, args.checkpoint), args.checkpoint)
+        model = _describe_checkpoint(state, args.checkpoint)
+    else:
+        model = f"random init ({cfg.model.backbone}, train.seed={cfg.train.seed})"
+    datasets = build_eval_datasets(cfg)  # before any work: bad paths and labels fail here
+    if args.dry_run:
+        print(f"dry run: {model}; config and data checked; nothing evaluated")
+        return 0
     backbone.to(device)
+    if is_main_process():
+        print(f"evaluating {model}", flush=True)
     if args.command == "knn":
-        results = run_knn(cfg, backbone, device, amp_dtype)
+        results = run_knn(cfg, backbone, device, amp_dtype, datasets)
     else:
         results = run_linear(cfg, backbone, device, amp_dtype)
     if not is_main_process():
         return 0
     for k, v in results.items():
-        print(f"{k}: {v:.2f}")
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
+    if output is not None:
+        _write_atomic(output, json.dumps({**results, "model": model, "command": args.command}, indent=2) + "\n")
+        print(f"wrote {output}")
     return 0
 
 
+def _is_results_file(path: Path) -> bool:
+    """A JSON file an earlier ``mobyssl knn/linear --output`` wrote (safe to replace)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("command") in ("knn", "linear")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _cmd_export(args) -> int:
-    import torch
+    from .train.checkpoint import backbone_state_dict, check_export_target, load_checkpoint, save_export
 
-    from .train.checkpoint import backbone_state_dict, load_checkpoint
-
+    output = check_export_target(args.output, args.checkpoint, args.overwrite)  # before any work
     state = load_checkpoint(args.checkpoint)
     sd = backbone_state_dict(state, args.checkpoint)
-    torch.save(sd, args.output)
-    cfg = state.get("config", {})
+    save_export(sd, output, source_checkpoint=args.checkpoint, overwrite=args.overwrite)
+    cfg = state.get("config") or {}
     model = cfg.get("model", {})
-    print(f"wrote {len(sd)} tensors to {args.output} (backbone {model.get('backbone', '?')}, image size "
+    print(f"wrote {len(sd)} tensors to {output} (backbone {model.get('backbone', '?')}, image size "
           f"{cfg.get('data', {}).get('image_size', '?')}, extra timm kwargs {model.get('kwargs', {})})")
     return 0
 
@@ -185,6 +280,10 @@ def _cmd_list(args) -> int:
         print("aliases (any other timm model name works too):")
         for name, target in ALIASES.items():
             print(f"  {name:30s} {target}")
+    elif args.command == "config-schema":
+        from .config import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
     else:
         from .methods import METHODS
 
@@ -193,27 +292,62 @@ def _cmd_list(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- the error boundary
+
+_WORKER_WRAPPED = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback", re.S)
+
+
+def user_message(e: BaseException) -> str:
+    """The one-line message of an expected failure: a DataLoader worker's traceback is reduced to its cause."""
+    text = str(e)
+    if _WORKER_WRAPPED.search(text):
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return " ".join(text.split("\n")).strip()
+
+
+def _os_message(e: OSError) -> str:
+    where = " ".join(str(f) for f in (e.filename, e.filename2) if f)
+    reason = e.strerror or str(e)
+    return f"{where}: {reason}" if where else reason
+
+
+def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Overrides may come anywhere, also after options (``--resume train.epochs=600``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, token in enumerate(argv[:-1]):
+        following = argv[i + 1]
+        if token == "--resume" and "=" in following and not following.startswith("-") and not Path(following).exists():
+            argv[i] = "--resume="  # `--resume key=value`: the value is an override, not a checkpoint path
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if getattr(args, "resume", None) == "":
+        args.resume = True
+    if extra:  # overrides after options come after those before them: their order is kept
+        args.overrides.extend(extra)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if args.command is None:
         parser.print_help()
         return 0
-    from .config import ConfigError
-    from .data import DataError
-    from .models import BackboneError
-    from .train.checkpoint import CheckpointError
-
-    handlers = {"pretrain": _cmd_pretrain, "knn": _cmd_eval, "linear": _cmd_eval, "export": _cmd_export}
+    from .errors import MobysslError
     from .train.guards import TrainingInterrupted
 
+    handlers = {"pretrain": _cmd_pretrain, "knn": _cmd_eval, "linear": _cmd_eval, "export": _cmd_export}
+    prefix = f"mobyssl {args.command}: error:"
     try:
         return handlers.get(args.command, _cmd_list)(args)
     except TrainingInterrupted as e:
         print(f"mobyssl {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum
-    except (ConfigError, DataError, BackboneError, CheckpointError, ValueError) as e:
-        print(f"mobyssl {args.command}: error: {e}", file=sys.stderr)
+    except MobysslError as e:
+        print(f"{prefix} {user_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -221,10 +355,38 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stdout = open(os.devnull, "w")
         return 0
+    except OSError as e:  # the file system said no: a full disk, permissions, a vanished file
+        print(f"{prefix} {_os_message(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{prefix} out of host memory; lower data.num_workers, train.batch_size or knn.batch_size",
+              file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        expected = _expected_runtime_error(e)
+        if expected is None:
+            raise
+        print(f"{prefix} {expected}", file=sys.stderr)
+        return 2
     finally:
         from .distributed import shutdown
 
         shutdown()
+
+
+def _expected_runtime_error(e: RuntimeError) -> str | None:
+    """Failures of the machine rather than of mobyssl: a data worker killed, the device out of memory."""
+    import torch
+
+    text = str(e)
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return ("the device ran out of memory (" + text.splitlines()[0][:160] + "). Lower train.batch_size (the lr "
+                "follows it), or raise train.accum_steps, or set train.grad_checkpointing=true; for evaluation lower "
+                "knn.batch_size.")
+    if "DataLoader worker" in text and ("killed" in text or "exited unexpectedly" in text):
+        return (text.splitlines()[0][:200] + ". A data-loading worker died, usually of host memory: lower "
+                "data.num_workers (0 loads in the main process and shows the error) or train.batch_size.")
+    return None
 
 
 if __name__ == "__main__":

@@ -1,214 +1,398 @@
-"""Typed run configuration: YAML recipes plus dotted command-line overrides.
+"""Typed run configuration: YAML recipes plus dotted command-line overrides, validated by declaration.
 
-A config is a tree of dataclasses. Recipes (``mobyssl/recipes/*.yaml``) and
-overrides such as ``train.epochs=100`` are merged onto the defaults and
-validated at load: an unknown key names the closest valid one, a wrong type
-names the expected type. Models and methods never read this object; the
-trainer unpacks what each piece needs into plain arguments.
+A config is a tree of pydantic models. Every field declares, next to its help text, its type and its
+constraint (positive, in a range, one of a set, an ordered pair, finite: inf and nan are refused
+everywhere) and what changing it means for a resumed run. Validation, ``--help``, the JSON schema for
+editors and the resume check are all derived from those declarations; nothing is checked by hand.
+
+Recipes (``mobyssl/recipes/*.yaml``) and overrides such as ``train.epochs=100`` are merged onto the
+defaults and validated at load: an unknown key names the closest valid one, a wrong type names the
+expected type, a value out of range names the range. A method's own options (``method.*``) are declared
+with the method (``MethodOptions`` subclasses, registered with ``register_method_options``) and chosen by
+``method.name``. Models and methods never read this object's globals; the trainer and ``build.py``
+unpack what each piece needs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import types
+import importlib
+import re
 import typing
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
+import annotated_types as at
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
 from .errors import ConfigError
 
+# What a change of a field means when a run is resumed (``--resume`` compares the checkpoint's config):
+SAFE = "safe"                  # how the run is operated, logged or evaluated: changed freely
+SCHEDULE = "schedule"          # the length of the schedules: the rest of the run follows new ones
+TRAJECTORY = "trajectory"      # the optimisation itself: a different run from this step on
+ARCHITECTURE = "architecture"  # the shapes of the weights or buffers: the checkpoint no longer fits
+RESUME_KEY = "on_resume"
 
-def _f(default, help: str, **kw):
-    """A dataclass field with a help text (shown by ``--help`` and in the docs)."""
+
+def opt(default, help: str, *, on_resume: str = TRAJECTORY, **constraints) -> Any:
+    """A config field: default, help text (``--help``, docs), constraints and its meaning on resume."""
+    extra = {RESUME_KEY: on_resume}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return Field(default_factory=lambda d=default: type(d)(d), description=help, json_schema_extra=extra,
+                     **constraints)
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
 
 
-@dataclass
-class AugConfig:
-    crop_scale: list[float] = _f([0.08, 1.0], "RandomResizedCrop area range (MoBY/BYOL: 0.08-1).")
-    color_jitter: list[float] = _f(
-        [0.4, 0.4, 0.2, 0.1], "ColorJitter brightness, contrast, saturation, hue (BYOL strengths)."
-    )
-    color_jitter_prob: float = _f(0.8, "Probability of applying the colour jitter.")
-    grayscale_prob: float = _f(0.2, "Probability of converting a view to grayscale.")
-    blur_prob: list[float] = _f(
-        [1.0, 0.1], "Gaussian blur probability for view 1 and view 2 (BYOL's asymmetric pair)."
-    )
-    blur_sigma: list[float] = _f([0.1, 2.0], "Gaussian blur sigma range in pixels (PIL radius).")
-    solarize_prob: list[float] = _f([0.0, 0.2], "Solarize probability for view 1 and view 2.")
-    flip_prob: float = _f(0.5, "Horizontal flip probability.")
+# --------------------------------------------------------------------------- value types
 
 
-@dataclass
-class DataConfig:
-    train: str = _f(
+_WRONG_TYPE = "wrong type"  # a validator's message for "not of the declared type": the field's type is named
+
+
+def _no_bool(value):
+    # YAML reads true/false/yes/no/on/off as booleans; pydantic would take them as 1/0.
+    if isinstance(value, bool):
+        raise ValueError(_WRONG_TYPE)
+    return value
+
+
+def _yaml_choice(*choices):
+    """YAML 1.1 reads a bare ``off``/``on``/``yes``/``no`` as a boolean: map it back to the choice."""
+
+    def convert(value):
+        if isinstance(value, bool):
+            for c in choices:
+                if isinstance(c, str) and yaml.safe_load(c) is value:
+                    return c
+        return value
+
+    return BeforeValidator(convert)
+
+
+def _not_blank(value):
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _device(spec: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", spec):
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+    return spec
+
+
+def _ordered(pair):
+    if pair[0] > pair[1]:
+        raise ValueError("must be [min, max] with min <= max")
+    return pair
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+Text = Annotated[str, AfterValidator(_not_blank)]
+Probability = Annotated[Float, Field(ge=0, le=1)]
+ProbabilityPair = Annotated[list[Probability], Field(min_length=2, max_length=2)]
+
+
+def Choice(*choices: str):
+    return Annotated[Literal[choices], _yaml_choice(*choices)]
+
+
+def OrderedPair(**bounds):
+    item = Annotated[Float, Field(**bounds)]
+    return Annotated[list[item], Field(min_length=2, max_length=2), AfterValidator(_ordered)]
+
+
+class Section(BaseModel):
+    """A group of config keys: unknown keys, inf and nan are refused; assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True,
+                              validate_assignment=True, validate_default=True)
+    key_prefix: ClassVar[str] = ""  # where the section sits in the config, for messages
+
+    def __setattr__(self, name, value):
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as e:
+            raise ConfigError(_explain(e, type(self), {}, self.key_prefix)) from None
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class AugConfig(Section):
+    key_prefix: ClassVar[str] = "data.aug."
+
+    crop_scale: OrderedPair(gt=0, le=1) = opt([0.08, 1.0], "RandomResizedCrop area range (MoBY/BYOL: 0.08-1).")
+    color_jitter: Annotated[list[Annotated[Float, Field(ge=0, le=5)]], Field(min_length=4, max_length=4)] = opt(
+        [0.4, 0.4, 0.2, 0.1], "ColorJitter brightness, contrast, saturation, hue (BYOL strengths); hue <= 0.5.")
+    color_jitter_prob: Probability = opt(0.8, "Probability of applying the colour jitter.")
+    grayscale_prob: Probability = opt(0.2, "Probability of converting a view to grayscale.")
+    blur_prob: ProbabilityPair = opt(
+        [1.0, 0.1], "Gaussian blur probability for view 1 and view 2 (BYOL's asymmetric pair).")
+    blur_sigma: OrderedPair(gt=0, le=100) = opt([0.1, 2.0], "Gaussian blur sigma range in pixels (PIL radius).")
+    solarize_prob: ProbabilityPair = opt([0.0, 0.2], "Solarize probability for view 1 and view 2.")
+    flip_prob: Probability = opt(0.5, "Horizontal flip probability.")
+
+    @field_validator("color_jitter")
+    @classmethod
+    def _hue(cls, v):
+        if v[3] > 0.5:
+            raise ValueError("must have a hue (the 4th value) of at most 0.5")
+        return v
+
+
+class DataConfig(Section):
+    key_prefix: ClassVar[str] = "data."
+
+    train: Text = opt(
         "bundled:cifar10-sample-train",
         "Pre-training images: an ImageFolder directory, a flat folder of unlabeled images, a .zip of "
-        "either, or bundled:<name> (bundled:cifar10-sample-train, bundled:cifar10-sample-test).",
-    )
-    test: Optional[str] = _f(
+        "either, or bundled:<name> (bundled:cifar10-sample-train, bundled:cifar10-sample-test).")
+    test: Optional[Text] = opt(
         "bundled:cifar10-sample-test",
         "Labeled split for evaluation (k-NN queries, linear-probe test set). null disables evaluation.",
-    )
-    eval_train: Optional[str] = _f(
+        on_resume=SAFE)
+    eval_train: Optional[Text] = opt(
         None,
         "Labeled split used as the k-NN memory bank and linear-probe training set. "
-        "null: use data.train (which must then have class folders).",
-    )
-    image_size: int = _f(224, "Square crop size fed to the backbone, in pixels.")
-    normalization: str = _f(
-        "imagenet", "Mean/std preset: imagenet, cifar10, or none (no normalisation)."
-    )
-    eval_crop_ratio: float = _f(
+        "null: use data.train (which must then have class folders).", on_resume=SAFE)
+    image_size: Int = opt(224, "Square crop size fed to the backbone, in pixels.", on_resume=ARCHITECTURE,
+                          ge=8, le=8192)
+    normalization: Choice("imagenet", "cifar10", "none") = opt(
+        "imagenet", "Mean/std preset: imagenet, cifar10, or none (no normalisation).")
+    eval_crop_ratio: Float = opt(
         0.875,
         "Evaluation transform: resize the short side to image_size / ratio, centre-crop image_size. "
-        "0.875 is the ImageNet protocol (256 -> 224); use 1.0 for small images.",
-    )
-    num_workers: int = _f(8, "DataLoader worker processes (0 loads in the main process).")
-    pipeline: Literal["cpu", "gpu_decode", "gpu_resident"] = _f(
+        "0.875 is the ImageNet protocol (256 -> 224); use 1.0 for small images.", on_resume=SAFE, gt=0, le=1)
+    num_workers: Int = opt(8, "DataLoader worker processes (0 loads in the main process).", on_resume=SAFE,
+                           ge=0, le=512)
+    pipeline: Choice("cpu", "gpu_decode", "gpu_resident") = opt(
         "cpu",
         "Where images are decoded and augmented. cpu: PIL in DataLoader workers (any device, any data). "
         "gpu_decode: workers only read file bytes; JPEGs are decoded and augmented in batches on the "
         "training device (any dataset size). gpu_resident: the dataset is decoded once into uint8 tensors "
         "on the device at data.image_size, then augmented there (datasets that fit in device memory, e.g. "
-        "CIFAR-10: 150 MiB). The gpu_* pipelines run on a CPU device too.",
-    )
-    max_bad_fraction: float = _f(
-        0.01, "Unreadable training images are skipped and listed; stop if more than this fraction fails."
-    )
-    aug: AugConfig = field(default_factory=AugConfig)
+        "CIFAR-10: 150 MiB). The gpu_* pipelines run on a CPU device too.")
+    max_bad_fraction: Probability = opt(
+        0.01, "Unreadable images are skipped and listed; stop if more than this fraction of a split fails.",
+        on_resume=SAFE)
+    aug: AugConfig = Field(default_factory=AugConfig)
 
 
-@dataclass
-class ModelConfig:
-    backbone: str = _f(
+class ModelConfig(Section):
+    key_prefix: ClassVar[str] = "model."
+
+    backbone: Text = opt(
         "swin_tiny_patch4_window7_224",
         "Backbone name: any timm model name or a mobyssl small-image preset (see `mobyssl backbones`).",
-    )
-    drop_path_rate: float = _f(0.2, "Stochastic depth of the online encoder (MoBY: 0.2).")
-    target_drop_path_rate: float = _f(0.0, "Stochastic depth of the target encoder (MoBY: 0.0).")
-    norm_before_mlp: Literal["ln", "bn"] = _f(
+        on_resume=ARCHITECTURE)
+    drop_path_rate: Float = opt(0.2, "Stochastic depth of the online encoder (MoBY: 0.2).", ge=0, lt=1)
+    target_drop_path_rate: Float = opt(0.0, "Stochastic depth of the target encoder (MoBY: 0.0).", ge=0, lt=1)
+    norm_before_mlp: Choice("ln", "bn") = opt(
         "ln",
         "Swin only: normalisation before each block's MLP. 'bn' is the paper's MoBY-1 variant "
-        "(BatchNorm, +1.1 top-1 at 100 epochs).",
-    )
-    kwargs: dict = _f({}, "Extra keyword arguments passed to timm.create_model (e.g. {embed_dim: 96}).")
+        "(BatchNorm, +1.1 top-1 at 100 epochs).", on_resume=ARCHITECTURE)
+    kwargs: dict[str, Any] = opt({}, "Extra keyword arguments passed to timm.create_model (e.g. {embed_dim: 96}).",
+                                 on_resume=ARCHITECTURE)
 
 
-@dataclass
-class MethodConfig:
-    name: str = _f("moby", "Self-supervised method (see `mobyssl methods`).")
-    proj_hidden_dim: int = _f(4096, "Projector hidden width (MoBY: 4096).")
-    proj_dim: int = _f(256, "Projector/predictor output width (MoBY: 256).")
-    pred_hidden_dim: int = _f(4096, "Predictor hidden width (MoBY: 4096).")
-    queue_size: int = _f(
-        4096, "Negatives per view queue (MoBY: 4096). Must be a multiple of the global batch size."
-    )
-    temperature: float = _f(0.2, "InfoNCE temperature (MoBY: 0.2).")
-    momentum: float = _f(
-        0.99, "Base EMA momentum of the target branch; rises to 1.0 on a cosine over training (MoBY: 0.99)."
-    )
+def method_name(name: str) -> Any:
+    """The ``name`` field of a method's options class: ``name: Text = method_name("moby")``."""
+    return opt(name, "Self-supervised method (see `mobyssl methods`).", on_resume=ARCHITECTURE)
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = _f(300, "Pre-training epochs (MoBY ImageNet recipes: 300; the paper's ablations: 100).")
-    warmup_epochs: float = _f(5, "Linear lr warm-up epochs (MoBY: 5).")
-    batch_size: int = _f(
+def register_method_options(cls: type[MethodOptions]) -> type[MethodOptions]:
+    """Class decorator: register the ``method.*`` options of the method named by the class's ``name`` default."""
+    if not issubclass(cls, MethodOptions):
+        raise TypeError(f"{cls.__name__} must subclass MethodOptions")
+    name = cls.model_fields["name"].default
+    if name in METHOD_OPTIONS and METHOD_OPTIONS[name] is not cls:
+        raise ValueError(f"method options for '{name}' are registered twice")
+    METHOD_OPTIONS[name] = cls
+    return cls
+
+
+class MethodOptions(Section):
+    """Base of every method's options: ``method.name`` picks the method and with it the other ``method.*`` keys."""
+
+    key_prefix: ClassVar[str] = "method."
+
+    name: Text = method_name("moby")
+
+
+class TrainConfig(Section):
+    key_prefix: ClassVar[str] = "train."
+
+    epochs: Int = opt(300, "Pre-training epochs (MoBY ImageNet recipes: 300; the paper's ablations: 100).",
+                      on_resume=SCHEDULE, ge=1, le=100_000)
+    warmup_epochs: Float = opt(5, "Linear lr warm-up epochs (MoBY: 5); at most train.epochs.", ge=0, le=100_000)
+    batch_size: Int = opt(
         512,
         "Global batch size (all devices together; MoBY: 512 = 8 GPUs x 64). Lower it if you run "
-        "out of memory; the lr follows linearly.",
-    )
-    lr: float = _f(
+        "out of memory; the lr follows linearly.", ge=1, le=2**20)
+    lr: Float = opt(
         1e-3,
         "Base learning rate for a batch of train.lr_ref_batch images; the used lr is "
-        "lr * batch_size / lr_ref_batch (MoBY: 1e-3 per 512).",
-    )
-    lr_ref_batch: int = _f(512, "Reference batch size that train.lr is given for.")
-    warmup_lr: float = _f(5e-7, "lr at the start of warm-up, scaled like train.lr (Swin/MoBY: 5e-7).")
-    min_lr: float = _f(5e-6, "Final lr of the cosine schedule, scaled like train.lr (Swin/MoBY: 5e-6).")
-    weight_decay: float = _f(0.05, "AdamW weight decay; never applied to biases and 1-D parameters.")
-    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
-    clip_grad: Optional[float] = _f(5.0, "Clip the global gradient norm to this value (null: off).")
-    accum_steps: int = _f(
+        "lr * batch_size / lr_ref_batch (MoBY: 1e-3 per 512).", gt=0, le=10)
+    lr_ref_batch: Int = opt(512, "Reference batch size that train.lr is given for.", ge=1, le=2**20)
+    warmup_lr: Float = opt(5e-7, "lr at the start of warm-up, scaled like train.lr (Swin/MoBY: 5e-7); "
+                                 "at most train.lr.", ge=0, le=10)
+    min_lr: Float = opt(5e-6, "Final lr of the cosine schedule, scaled like train.lr (Swin/MoBY: 5e-6); "
+                              "at most train.lr.", ge=0, le=10)
+    weight_decay: Float = opt(0.05, "AdamW weight decay; never applied to biases and 1-D parameters.", ge=0, le=10)
+    betas: Annotated[list[Annotated[Float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = opt(
+        [0.9, 0.999], "AdamW betas, each in [0, 1).")
+    clip_grad: Optional[Float] = opt(5.0, "Clip the global gradient norm to this value (null: off).",
+                                     gt=0, le=1e6)
+    accum_steps: Int = opt(
         1, "Split each batch into this many micro-batches and accumulate gradients (for large backbones "
         "on small GPUs). Queues and momentum still update once per optimizer step; BatchNorm statistics "
-        "are per micro-batch."
-    )
-    compile: bool = _f(
+        "are per micro-batch.", ge=1, le=4096)
+    compile: bool = opt(
         False, "torch.compile the training step's model (fewer, fused kernels on GPUs; the first steps "
-        "take a minute or more to compile)."
-    )
-    grad_checkpointing: bool = _f(
+        "take a minute or more to compile).", on_resume=SAFE)
+    grad_checkpointing: bool = opt(
         False, "Recompute the online backbone's activations in the backward pass (timm "
-        "set_grad_checkpointing): less memory, about 30% more compute."
-    )
-    amp: Literal["auto", "bf16", "fp16", "off"] = _f(
+        "set_grad_checkpointing): less memory, about 30% more compute.", on_resume=SAFE)
+    amp: Choice("auto", "bf16", "fp16", "off") = opt(
         "auto",
         "Mixed precision: auto = bf16 on GPUs that support it, fp16 with a grad scaler on older "
-        "GPUs, off on CPU.",
-    )
-    device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda, or cuda:N.")
-    seed: int = _f(0, "Random seed.")
-    log_every: int = _f(10, "Log a metrics.jsonl line (and a TensorBoard point) every N steps.")
-    save_every: int = _f(1, "Write checkpoint.pth every N epochs (and always at the end).")
-    save_every_steps: int = _f(
+        "GPUs, off on CPU.")
+    device: Annotated[Text, AfterValidator(_device)] = opt(
+        "auto", "auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps.", on_resume=SAFE)
+    seed: Int = opt(0, "Random seed (0 to 2^32 - 1).", ge=0, le=2**32 - 1)
+    log_every: Int = opt(10, "Log a metrics.jsonl line (and a TensorBoard point) every N steps.", on_resume=SAFE,
+                         ge=1, le=10**9)
+    save_every: Int = opt(1, "Write checkpoint.pth every N epochs (and always at the end).", on_resume=SAFE,
+                          ge=1, le=10**6)
+    save_every_steps: Int = opt(
         0, "Also write a checkpoint every N optimizer steps (0: only at epoch ends). Set it for long epochs "
-        "on pre-emptible machines: a resume then loses at most N steps and continues the same trajectory."
-    )
-    keep_last: int = _f(2, "How many recent checkpoints to keep (checkpoint.pth points at the newest); >= 1.")
-    keep_every: int = _f(0, "Also keep a permanent copy every N epochs (0: none).")
-    max_bad_steps: int = _f(
+        "on pre-emptible machines: a resume then loses at most N steps and continues the same trajectory.",
+        on_resume=SAFE, ge=0, le=10**9)
+    keep_last: Int = opt(2, "How many recent checkpoints to keep (checkpoint.pth points at the newest); >= 1.",
+                         on_resume=SAFE, ge=1, le=10**4)
+    keep_every: Int = opt(0, "Also keep a permanent copy every N epochs (0: none).", on_resume=SAFE, ge=0, le=10**6)
+    max_bad_steps: Int = opt(
         10, "A step with a NaN/Inf loss or gradient is skipped with a warning; after this many in a row the "
-        "run stops and writes checkpoint_diagnostic.pth."
-    )
-    knn_every: int = _f(
-        0, "Run a k-NN evaluation on data.test every N epochs (0: only at the end; -1: never)."
-    )
-    max_steps: int = _f(
-        0, "Stop after this many optimizer steps (0: run all epochs). Schedules keep their full length."
-    )
+        "run stops and writes checkpoint_diagnostic.pth.", on_resume=SAFE, ge=1, le=10**6)
+    knn_every: Int = opt(
+        0, "Run a k-NN evaluation on data.test every N epochs (0: only at the end; -1: never).", on_resume=SAFE,
+        ge=-1, le=10**6)
+    max_steps: Int = opt(
+        0, "Stop after this many optimizer steps (0: run all epochs). Schedules keep their full length.",
+        on_resume=SAFE, ge=0, le=10**12)
+
+    @model_validator(mode="after")
+    def _relations(self):
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"config key 'train.warmup_epochs' must be at most train.epochs={self.epochs}, "
+                             f"got {self.warmup_epochs:g}")
+        for key in ("min_lr", "warmup_lr"):
+            if getattr(self, key) > self.lr:
+                raise ValueError(f"config key 'train.{key}' must be at most train.lr={self.lr:g} (the schedule "
+                                 f"would rise instead of fall), got {getattr(self, key):g}")
+        return self
 
 
-@dataclass
-class KnnConfig:
-    k: list[int] = _f([20, 200], "Neighbour counts to report (DINO protocol: 20; also 200).")
-    temperature: float = _f(0.07, "Temperature of the weighted vote (DINO: 0.07).")
-    batch_size: int = _f(256, "Batch size for feature extraction.")
+class KnnConfig(Section):
+    key_prefix: ClassVar[str] = "knn."
+
+    k: Annotated[list[Annotated[Int, Field(ge=1, le=10**6)]], Field(min_length=1, max_length=32)] = opt(
+        [20, 200], "Neighbour counts to report (DINO protocol: 20; also 200).", on_resume=SAFE)
+    temperature: Float = opt(0.07, "Temperature of the weighted vote (DINO: 0.07).", on_resume=SAFE, gt=0, le=100)
+    batch_size: Int = opt(256, "Batch size for feature extraction.", on_resume=SAFE, ge=1, le=2**16)
 
 
-@dataclass
-class LinearConfig:
-    mode: Literal["full", "fast"] = _f(
+class LinearConfig(Section):
+    key_prefix: ClassVar[str] = "linear."
+
+    mode: Choice("full", "fast") = opt(
         "full",
         "full: the paper's protocol, augmented images through the frozen backbone every epoch. "
         "fast: features computed once (no augmentation), then a linear classifier on them; for "
-        "small datasets and quick checks.",
-    )
-    epochs: int = _f(100, "Linear-probe epochs (paper protocol: 100).")
-    batch_size: int = _f(1024, "Linear-probe batch size.")
-    lr: float = _f(1.0, "SGD lr per linear.lr_ref_batch images (paper protocol: 1.0 per 512).")
-    lr_ref_batch: int = _f(512, "Reference batch for linear.lr.")
-    momentum: float = _f(0.9, "SGD momentum.")
-    weight_decay: float = _f(0.0, "Weight decay of the linear layer (paper protocol: 0).")
+        "small datasets and quick checks.", on_resume=SAFE)
+    epochs: Int = opt(100, "Linear-probe epochs (paper protocol: 100).", on_resume=SAFE, ge=1, le=100_000)
+    batch_size: Int = opt(1024, "Linear-probe batch size.", on_resume=SAFE, ge=1, le=2**20)
+    lr: Float = opt(1.0, "SGD lr per linear.lr_ref_batch images (paper protocol: 1.0 per 512).", on_resume=SAFE,
+                    gt=0, le=1000)
+    lr_ref_batch: Int = opt(512, "Reference batch for linear.lr.", on_resume=SAFE, ge=1, le=2**20)
+    momentum: Float = opt(0.9, "SGD momentum.", on_resume=SAFE, ge=0, lt=1)
+    weight_decay: Float = opt(0.0, "Weight decay of the linear layer (paper protocol: 0).", on_resume=SAFE,
+                              ge=0, le=10)
 
 
-@dataclass
-class Config:
-    output_dir: str = _f("runs/quickstart", "Where the run writes config, metrics, TensorBoard and checkpoints.")
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    knn: KnnConfig = field(default_factory=KnnConfig)
-    linear: LinearConfig = field(default_factory=LinearConfig)
+# --------------------------------------------------------------------------- per-method options
+
+METHOD_OPTIONS: dict[str, type[MethodOptions]] = {}
+DEFAULT_METHOD = "moby"
+
+
+def _discover_methods() -> None:
+    # The one upward hook of this module: importing the methods package registers their options.
+    importlib.import_module("mobyssl.methods")
+
+
+def method_options_class(name: str) -> type[MethodOptions]:
+    if name not in METHOD_OPTIONS:
+        _discover_methods()
+    if name not in METHOD_OPTIONS:
+        close = difflib.get_close_matches(str(name), list(METHOD_OPTIONS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"config key 'method.name': unknown method '{name}'.{hint} "
+                         f"Available: {', '.join(sorted(METHOD_OPTIONS))} (see `mobyssl methods`).")
+    return METHOD_OPTIONS[name]
+
+
+def method_names() -> list[str]:
+    _discover_methods()
+    return sorted(METHOD_OPTIONS)
+
+
+def _default_method() -> MethodOptions:
+    return method_options_class(DEFAULT_METHOD)()
+
+
+class Config(Section):
+    output_dir: Text = opt("runs/quickstart", "Where the run writes config, metrics, TensorBoard and checkpoints; "
+                                              "a new run needs a new or empty folder.", on_resume=SAFE)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: SerializeAsAny[MethodOptions] = Field(default_factory=_default_method)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    knn: KnnConfig = Field(default_factory=KnnConfig)
+    linear: LinearConfig = Field(default_factory=LinearConfig)
+
+    @field_validator("method", mode="wrap")
+    @classmethod
+    def _method_options(cls, value, handler):
+        """``method.name`` picks the options class; the other ``method.*`` keys are validated by it."""
+        if isinstance(value, MethodOptions):
+            value = value.model_dump()
+        if not isinstance(value, dict):
+            return handler(value)
+        name = value.get("name", DEFAULT_METHOD)
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"config key 'method.name' expects a method name such as '{DEFAULT_METHOD}', "
+                             f"got {name!r}")
+        return method_options_class(name).model_validate(value)
+
+
+SECTIONS = ("data", "model", "method", "train", "knn", "linear")
 
 
 # --------------------------------------------------------------------------- loading
@@ -226,6 +410,8 @@ def resolve_recipe(name_or_path: str) -> Path:
     """A recipe by name (``moby_swin_tiny_in1k``) or by path to a YAML file."""
     p = Path(name_or_path).expanduser()
     if p.suffix in (".yaml", ".yml") or p.exists():
+        if p.is_dir():
+            raise ConfigError(f"--config {p} is a folder; give a recipe name or a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         return p
@@ -265,11 +451,15 @@ def _load_yaml_chain(path: Path, seen: tuple) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: 'base' must name a recipe or a YAML file, got {base!r}")
     base_path = (path.parent / base) if base.endswith((".yaml", ".yml")) else resolve_recipe(base)
     merged = _load_yaml_chain(Path(base_path), seen + (path,))
     _deep_merge(merged, data)
@@ -290,8 +480,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like key=value, e.g. train.epochs=100")
     key, value = text.split("=", 1)
     key = key.strip()
-    if not key:
-        raise ConfigError(f"override '{text}' has an empty key")
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key" if not key else
+                          f"override '{text}': '{key}' is not a dotted key such as train.epochs")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
@@ -302,174 +493,263 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")
-    for p in parts[:-1]:
-        if not isinstance(node.get(p), dict):
+    for i, p in enumerate(parts[:-1]):
+        if p not in node or node[p] is None:
             node[p] = {}
+        elif not isinstance(node[p], dict):
+            raise ConfigError(f"override '{key}=...': '{'.'.join(parts[:i + 1])}' is a value, not a section "
+                              "of keys")
         node = node[p]
     node[parts[-1]] = value
 
 
-def from_dict(cls, raw: dict, prefix: str = ""):
-    """Build dataclass ``cls`` from ``raw``, checking every key and type."""
+def from_dict(cls, raw: Any):
+    """Build model ``cls`` from ``raw``; a ``ConfigError`` names every bad key, the value and the fix."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'{hint} (valid keys here: "
-                f"{', '.join(prefix + f for f in fields)})"
-            )
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in raw:
+        raise ConfigError(f"the config must be a mapping of keys, got {raw!r}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, cls, raw)) from None
+
+
+def validate(cfg: Section) -> None:
+    """Re-check a config built or changed in code (loading and assignments are validated already)."""
+    from_dict(type(cfg), to_dict(cfg))
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _loc_key(loc: tuple) -> str:
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
+
+
+def _field_at(cls, loc: tuple, raw: Any) -> tuple[Optional[type], Optional[FieldInfo]]:
+    """The model holding the last named key of ``loc`` and that key's field (method options dispatched)."""
+    model, info = cls, None
+    for part in loc:
+        if isinstance(part, int):
             continue
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, raw[name], prefix=f"{prefix}{name}.")
+        if model is None or part not in model.model_fields:
+            return model, None
+        info = model.model_fields[part]
+        raw = raw.get(part) if isinstance(raw, dict) else None
+        if part == "method" and model is Config:
+            name = raw.get("name", DEFAULT_METHOD) if isinstance(raw, dict) else DEFAULT_METHOD
+            nxt = METHOD_OPTIONS.get(name, MethodOptions) if isinstance(name, str) else MethodOptions
         else:
-            kwargs[name] = _coerce(raw[name], tp, f"{prefix}{name}")
-    return cls(**kwargs)
+            nxt = _model_type(info.annotation)
+        if nxt is None:
+            break
+        model = nxt
+    return model, info
 
 
-def _type_name(tp) -> str:
+def _model_type(tp) -> Optional[type]:
+    for t in (tp, *typing.get_args(tp)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def describe_type(tp) -> str:
+    """``int``, ``float or null``, ``a list of 2 float``, ``one of 'auto', 'off'`` ... for messages and help."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return describe_type(typing.get_args(tp)[0])
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        return " or ".join(describe_type(a) for a in args) + " or null"
     if origin is list:
         (inner,) = typing.get_args(tp)
-        return f"a list of {_type_name(inner)}"
-    return getattr(tp, "__name__", str(tp))
+        return f"a list of {describe_type(inner)}"
+    if origin is dict or tp is dict:
+        return "a mapping (dict)"
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a mapping of keys"
+    return {"str": "a string", "bool": "true or false"}.get(getattr(tp, "__name__", ""),
+                                                           getattr(tp, "__name__", str(tp)))
 
 
-def _coerce(value: Any, tp, key: str):
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                pass
-        raise bad
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
+def describe_constraint(info: FieldInfo) -> str:
+    """``> 0``, ``in [0, 1]``, ``>= 1`` ... from a field's declared bounds (for ``--help``)."""
+    lo = hi = None
+    for m in info.metadata:
+        if isinstance(m, at.Gt):
+            lo = f"> {_num(m.gt)}"
+        elif isinstance(m, at.Ge):
+            lo = f">= {_num(m.ge)}"
+        elif isinstance(m, at.Lt):
+            hi = f"< {_num(m.lt)}"
+        elif isinstance(m, at.Le):
+            hi = f"<= {_num(m.le)}"
+    return ", ".join(x for x in (lo, hi) if x)
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _lengths(info: Optional[FieldInfo]) -> tuple[Optional[int], Optional[int]]:
+    meta = info.metadata if info is not None else []
+    lo = next((m.min_length for m in meta if isinstance(m, at.MinLen)), None)
+    hi = next((m.max_length for m in meta if isinstance(m, at.MaxLen)), None)
+    return lo, hi
+
+
+def describe_field(info: FieldInfo) -> str:
+    """The declared type of a field, list lengths included (``a list of 2 float``)."""
+    text = describe_type(info.annotation)
+    lo, hi = _lengths(info)
+    if lo is not None and lo == hi and text.startswith("a list of "):
+        text = f"a list of {lo} {text[len('a list of '):]}"
+    return text
+
+
+_TYPE_ERRORS = {"int_type", "int_parsing", "int_from_float", "float_type", "float_parsing", "string_type",
+                "bool_type", "bool_parsing", "list_type", "dict_type", "literal_error", "model_type",
+                "model_attributes_type", "none_required", "string_pattern_mismatch"}
+_BOUNDS = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
+           "less_than_equal": "<= {le}"}
+
+
+def _explain(err: ValidationError, cls, raw: dict, prefix: str = "") -> str:
+    """One line per distinct problem, each naming the dotted key, the value and what is expected."""
+    lines: list[str] = []
+    seen_keys: set[str] = set()
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in
+                                                                         ("int", "float", "str", "none"))))
+        key = prefix + _loc_key(loc)
+        if key in seen_keys:  # a union (e.g. float or null) reports once per member: keep the first
+            continue
+        seen_keys.add(key)
+        value = e.get("input")
+        kind = e["type"]
+        model, info = _field_at(cls, loc, raw)
+        if kind == "extra_forbidden":
+            parent = loc[:-1]
+            valid = list(model.model_fields) if model is not None and info is None else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            here = prefix + (_loc_key(parent) + "." if parent else "")
+            hint = f"; did you mean '{here}{close[0]}'?" if close else ""
+            scope = f" for method '{_method_name(raw)}'" if here == "method." else ""
+            lines.append(f"unknown config key '{key}'{hint} (valid keys here{scope}: "
+                         f"{', '.join(here + f for f in valid)})")
+        elif kind == "value_error" and str(e.get("ctx", {}).get("error", "")).startswith("config key"):
+            lines.append(str(e["ctx"]["error"]))
+        elif kind == "finite_number":
+            lines.append(f"config key '{key}' must be a finite number, got {_show(value)}")
+        elif kind in _BOUNDS:
+            bound = _BOUNDS[kind].format(**{k: _num(v) for k, v in e["ctx"].items()})
+            lines.append(f"config key '{key}' must be {bound}, got {_show(value)}{_range_hint(info)}")
+        elif kind in ("too_short", "too_long"):
+            lo, hi = _lengths(info)
+            count = lo if lo == hi or kind == "too_short" else hi
+            n = f"{count}" if lo == hi else (f"at least {count}" if kind == "too_short" else f"at most {count}")
+            lines.append(f"config key '{key}' needs {n} value{'' if count == 1 else 's'}, got {_show(value)}")
+        elif kind == "value_error" and str(e["ctx"]["error"]) == _WRONG_TYPE:
+            lines.append(f"config key '{key}' expects {_expected(e, loc, info)}, got {_show(value)}")
+        elif kind == "value_error":
+            lines.append(f"config key '{key}' {e['ctx']['error']}, got {_show(value)}")
+        elif kind in _TYPE_ERRORS:
+            lines.append(f"config key '{key}' expects {_expected(e, loc, info)}, got {_show(value)}")
+        else:
+            lines.append(f"config key '{key}': {e['msg']}, got {_show(value)}")
+    return "; ".join(lines)
+
+
+def _show(value) -> str:
+    """A value as the user typed it: YAML 1.1 reads '1e-3' as a string, shown here without quotes."""
+    if isinstance(value, str):
+        try:
+            float(value)
             return value
-        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans: `train.amp=off`
-            for c in choices:
-                if isinstance(c, str) and yaml.safe_load(c) is value:
-                    return c
-        raise bad
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
-                try:
-                    return float(value)
-                except ValueError:
-                    raise bad from None
-            raise bad
-        return float(value)
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    return value
+        except ValueError:
+            pass
+    return repr(value)
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+def _range_hint(info: Optional[FieldInfo]) -> str:
+    return f" (allowed: {describe_constraint(info)})" if info is not None and describe_constraint(info) else ""
 
 
-def to_yaml(cfg) -> str:
+def _expected(e: dict, loc: tuple, info: Optional[FieldInfo]) -> str:
+    if e["type"] == "literal_error":
+        return "one of " + e["ctx"]["expected"].replace(" or ", ", ")
+    if info is None:
+        return e["msg"]
+    if isinstance(loc[-1], int):  # an item of a list
+        inner = typing.get_args(_strip(info.annotation))
+        return describe_type(inner[0]) if inner else e["msg"]
+    return describe_field(info)
+
+
+def _strip(tp):
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _method_name(raw: dict) -> str:
+    m = raw.get("method") if isinstance(raw, dict) else None
+    return m.get("name", DEFAULT_METHOD) if isinstance(m, dict) else DEFAULT_METHOD
+
+
+# --------------------------------------------------------------------------- dumping and introspection
+
+
+def to_dict(cfg: Section) -> dict:
+    return cfg.model_dump(mode="python")
+
+
+def to_yaml(cfg: Section) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def iter_fields(cls=Config, prefix: str = ""):
-    """(dotted key, default, help) for every leaf key: drives ``--help`` and the docs."""
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(defaults, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from iter_fields(type(value), f"{prefix}{f.name}.")
+def iter_fields(cfg: Optional[Section] = None, prefix: str = ""):
+    """(dotted key, default, help) for every leaf key of ``cfg`` (default: ``Config()``, i.e. MoBY's options)."""
+    for key, value, info in iter_field_infos(cfg, prefix):
+        yield key, value, info.description or ""
+
+
+def iter_field_infos(cfg: Optional[Section] = None, prefix: str = ""):
+    """(dotted key, value, FieldInfo) for every leaf key of ``cfg``."""
+    cfg = Config() if cfg is None else cfg
+    for name, info in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            yield from iter_field_infos(value, f"{prefix}{name}.")
         else:
-            yield f"{prefix}{f.name}", value, f.metadata.get("help", "")
+            yield f"{prefix}{name}", value, info
 
 
-def validate(cfg: Config) -> None:
-    """Value checks that go beyond types; each message names the key and the fix."""
+def on_resume(key: str, cfg: Optional[Config] = None) -> str:
+    """What changing ``key`` means for a resumed run: SAFE, SCHEDULE, TRAJECTORY or ARCHITECTURE."""
+    for k, _, info in iter_field_infos(cfg):
+        if k == key:
+            return (info.json_schema_extra or {}).get(RESUME_KEY, TRAJECTORY)
+    return TRAJECTORY if not key.startswith("method.") else ARCHITECTURE
 
-    def need(cond: bool, key: str, msg: str):
-        if not cond:
-            raise ConfigError(f"config key '{key}' {msg}")
 
-    t, d, m = cfg.train, cfg.data, cfg.method
-    need(t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
-    need(t.batch_size > 0, "train.batch_size", f"must be positive, got {t.batch_size}")
-    need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
-    need(t.lr_ref_batch > 0, "train.lr_ref_batch", f"must be positive, got {t.lr_ref_batch}")
-    need(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", f"must lie in [0, train.epochs], got {t.warmup_epochs}")
-    need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
-    need(len(t.betas) == 2, "train.betas", f"needs two values, got {t.betas}")
-    need(t.clip_grad is None or t.clip_grad > 0, "train.clip_grad", f"must be positive or null, got {t.clip_grad}")
-    need(t.accum_steps >= 1, "train.accum_steps", f"must be at least 1, got {t.accum_steps}")
-    need(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}")
-    need(t.save_every > 0, "train.save_every", f"must be positive, got {t.save_every}")
-    need(t.save_every_steps >= 0, "train.save_every_steps", f"must be >= 0, got {t.save_every_steps}")
-    need(t.keep_last >= 1, "train.keep_last", f"must be at least 1, got {t.keep_last}")
-    need(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be at least 1, got {t.max_bad_steps}")
-    need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", f"must lie in [0, 1], got {d.max_bad_fraction}")
-    need(d.image_size >= 8, "data.image_size", f"must be at least 8 pixels, got {d.image_size}")
-    need(0 < d.eval_crop_ratio <= 1, "data.eval_crop_ratio", f"must lie in (0, 1], got {d.eval_crop_ratio}")
-    need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    need(d.normalization in ("imagenet", "cifar10", "none"), "data.normalization",
-         f"must be imagenet, cifar10 or none, got {d.normalization!r}")
-    a = d.aug
-    need(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1, "data.aug.crop_scale",
-         f"must be [min, max] with 0 < min <= max <= 1, got {a.crop_scale}")
-    need(len(a.color_jitter) == 4, "data.aug.color_jitter", f"needs 4 values, got {a.color_jitter}")
-    for key in ("blur_prob", "solarize_prob"):
-        v = getattr(a, key)
-        need(len(v) == 2 and all(0 <= p <= 1 for p in v), f"data.aug.{key}",
-             f"needs two probabilities (view 1, view 2), got {v}")
-    need(len(a.blur_sigma) == 2 and 0 < a.blur_sigma[0] <= a.blur_sigma[1], "data.aug.blur_sigma",
-         f"must be [min, max] with 0 < min <= max, got {a.blur_sigma}")
-    need(0 <= cfg.model.drop_path_rate < 1, "model.drop_path_rate", f"must lie in [0, 1), got {cfg.model.drop_path_rate}")
-    need(0 <= cfg.model.target_drop_path_rate < 1, "model.target_drop_path_rate",
-         f"must lie in [0, 1), got {cfg.model.target_drop_path_rate}")
-    need(0 <= m.momentum < 1, "method.momentum", f"must lie in [0, 1), got {m.momentum}")
-    need(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}")
-    need(m.queue_size > 0, "method.queue_size", f"must be positive, got {m.queue_size}")
-    need(cfg.knn.temperature > 0, "knn.temperature", f"must be positive, got {cfg.knn.temperature}")
-    need(len(cfg.knn.k) > 0 and all(k > 0 for k in cfg.knn.k), "knn.k", f"must be positive integers, got {cfg.knn.k}")
-    need(cfg.linear.epochs > 0, "linear.epochs", f"must be positive, got {cfg.linear.epochs}")
+def json_schema() -> dict:
+    """A JSON schema of recipe files for editors; ``method`` is one of the registered methods' options."""
+    schema = Config.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    variants = []
+    for name in method_names():
+        sub = METHOD_OPTIONS[name].model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(sub.pop("$defs", {}))
+        sub["properties"]["name"] = {**sub["properties"]["name"], "const": name}
+        defs[METHOD_OPTIONS[name].__name__] = sub
+        variants.append({"$ref": f"#/$defs/{METHOD_OPTIONS[name].__name__}"})
+    schema["properties"]["method"] = {"oneOf": variants, "description": "method.name picks the method's options"}
+    schema["properties"]["base"] = {"type": "string", "description": "a recipe name or YAML file this one extends"}
+    schema["title"] = "mobyssl recipe"
+    return schema

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError, MobysslError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -61,7 +63,7 @@ def check_same_config(config: dict) -> None:
     if differing:
         a, b = json.loads(every[0]), json.loads(every[differing[0]])
         keys = _diff_keys(a, b)
-        raise ValueError(f"ranks {differing} were started with a config that differs from rank 0's "
+        raise ConfigError(f"ranks {differing} were started with a config that differs from rank 0's "
                          f"(keys: {', '.join(keys[:5])}); start every rank with the same recipe and overrides.")
 
 
@@ -72,6 +74,24 @@ def _diff_keys(a, b, prefix=""):
             out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [prefix.rstrip(".")]
+
+
+def on_main_then_agree(check) -> None:
+    """Run ``check()`` on rank 0; if it raises a ``MobysslError``, every rank raises it (rather than hanging in the
+    next collective while rank 0 exits). A no-op wrapper in one process."""
+    error = None
+    if is_main_process():
+        try:
+            check()
+        except MobysslError as e:
+            error = e
+    if is_distributed():
+        box = [None if error is None else (type(error), str(error))]
+        dist.broadcast_object_list(box, src=0)
+        if error is None and box[0] is not None:
+            error = box[0][0](box[0][1])
+    if error is not None:
+        raise error
 
 
 def shutdown() -> None:

@@ -8,13 +8,23 @@ import random
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 
 def resolve_device(spec: str = "auto") -> torch.device:
+    """``train.device`` -> a device that exists here (a clear ConfigError otherwise)."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={spec} but CUDA is not available here; use train.device=cpu or auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={spec} but CUDA is not available here; use train.device=cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={spec} but this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1}); use train.device=cuda "
+                              "(under torchrun each process takes its LOCAL_RANK device)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"train.device={spec} but Apple's MPS backend is not available here; use train.device=cpu")
     return dev
 
 
@@ -27,7 +37,7 @@ def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if spec == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp=fp16 needs a CUDA device; on CPU use train.amp=bf16 or off")
+        raise ConfigError("train.amp=fp16 needs a CUDA device; on CPU use train.amp=bf16 or off")
     return torch.bfloat16 if spec == "bf16" else torch.float16
 
 

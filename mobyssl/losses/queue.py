@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import gather_no_grad
+from ..errors import ConfigError
 
 
 class FeatureQueue(nn.Module):
@@ -25,7 +26,7 @@ class FeatureQueue(nn.Module):
     def check_batch(self, global_batch: int) -> None:
         """Raise early if enqueuing batches of ``global_batch`` would not tile the queue."""
         if self.size % global_batch != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"method.queue_size={self.size} is not a multiple of the global batch size "
                 f"{global_batch} (train.batch_size): choose a queue size such as "
                 f"{max(global_batch, (self.size // global_batch) * global_batch)} or a batch size "

@@ -5,12 +5,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import ARCHITECTURE, Float, Int, MethodOptions, Text, method_name, opt, register_method_options
 from ..data.transforms import moby_transform
 from ..losses import MoBYLoss
 from ..models import MLPHead, feature_dim
 from ..models.momentum import copy_weights
 from .base import BackboneFn, Method
 from .registry import register_method
+
+
+@register_method_options
+class MoBYOptions(MethodOptions):
+    """``method.*`` keys of MoBY (defaults: the paper's)."""
+
+    name: Text = method_name("moby")
+    proj_hidden_dim: Int = opt(4096, "Projector hidden width (MoBY: 4096).", on_resume=ARCHITECTURE, ge=1, le=65536)
+    proj_dim: Int = opt(256, "Projector/predictor output width (MoBY: 256).", on_resume=ARCHITECTURE, ge=1, le=65536)
+    pred_hidden_dim: Int = opt(4096, "Predictor hidden width (MoBY: 4096).", on_resume=ARCHITECTURE, ge=1, le=65536)
+    queue_size: Int = opt(
+        4096, "Negatives per view queue (MoBY: 4096). Must be a multiple of the global batch size.",
+        on_resume=ARCHITECTURE, ge=1, le=2**24)
+    temperature: Float = opt(0.2, "InfoNCE temperature (MoBY: 0.2).", gt=0, le=10)
+    momentum: Float = opt(
+        0.99, "Base EMA momentum of the target branch; rises to 1.0 on a cosine over training (MoBY: 0.99).",
+        ge=0, lt=1)
 
 
 @register_method
@@ -21,6 +39,7 @@ class MoBY(Method):
     """
 
     name = "moby"
+    Options = MoBYOptions
 
     def __init__(self, backbone_fn: BackboneFn, drop_path_rate: float = 0.2, target_drop_path_rate: float = 0.0,
                  proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 
+from ..errors import ConfigError
+
 METHODS: dict = {}
 
 
@@ -16,6 +18,6 @@ def get_method(name: str):
     if name not in METHODS:
         close = difflib.get_close_matches(name, list(METHODS), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown method '{name}' (config key method.name).{hint} "
+        raise ConfigError(f"unknown method '{name}' (config key method.name).{hint} "
                          f"Available: {', '.join(sorted(METHODS))}.")
     return METHODS[name]

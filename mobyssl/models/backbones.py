@@ -121,7 +121,9 @@ def create_backbone(name: str, *, img_size: int | None = None, drop_path_rate: f
         model = timm.create_model(timm_name, pretrained=False, num_classes=0,
                                   drop_path_rate=drop_path_rate, **args)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise BackboneError(f"cannot build backbone '{name}' with {args}: {e}") from e
+        raise BackboneError(f"cannot build backbone '{name}' (model.backbone) with arguments {args} (the preset's, "
+                            f"data.image_size and model.kwargs): {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
+                            "Fix model.kwargs or data.image_size.") from None
     if norm_before_mlp == "bn":
         if use_bn_before_mlp(model) == 0:
             raise BackboneError(

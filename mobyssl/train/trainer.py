@@ -14,8 +14,8 @@ DistributedDataParallel, and only rank 0 writes logs and checkpoints.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -28,22 +28,46 @@ from .. import distributed as D
 from ..config import Config, to_dict, to_yaml, validate
 from ..data import DataError
 from ..data.sampler import GlobalBatchSampler
+from ..errors import CheckpointError, ConfigError, MobysslError
 from ..eval.runner import run_knn
 from ..models.sync_bn import convert_sync_batchnorm
 from ..runtime import autocast, resolve_amp, resolve_device, rng_state, seed_everything, set_rng_state
-from .checkpoint import (
-    DIAGNOSTIC,
-    LATEST,
-    CheckpointError,
-    find_resumable,
-    load_checkpoint,
-    save_checkpoint,
-    step_checkpoints,
-    write_run_checkpoint,
-)
+from .checkpoint import DIAGNOSTIC, find_resumable, load_checkpoint, save_checkpoint, write_run_checkpoint
+from .compat import check_resume_changes, config_changes
 from .guards import BadDataMonitor, CollapseMonitor, NonFiniteGuard, StopSignals, TrainingInterrupted
 from .logging import MetricsLogger, Progress
 from .optim import build_adamw, warmup_cosine
+from .rundir import RunLock, check_fresh_output_dir, check_output_dir_writable
+
+
+class TrainingDiverged(MobysslError, FloatingPointError):
+    """Too many steps in a row with a non-finite loss or gradient; a diagnostic checkpoint was written."""
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint to continue from: its path and its loaded state."""
+
+    path: Path
+    state: dict
+
+    def config(self) -> dict:
+        saved = self.state.get("config")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{self.path} stores no config; pass --config with the recipe the run was "
+                                  "started with (and its overrides)")
+        return copy.deepcopy(saved)
+
+
+def find_resume_point(output_dir, resume: bool | str, log=print) -> ResumePoint:
+    """``resume=True``: the newest checkpoint in ``output_dir`` that loads; a path: that checkpoint."""
+    if resume is True:
+        found = find_resumable(output_dir, log)
+        if found is None:
+            raise CheckpointError(f"--resume: no checkpoint that loads in output_dir={output_dir}; start without "
+                                  "--resume or set output_dir to the run to continue.")
+        return ResumePoint(*found)
+    return ResumePoint(Path(resume), load_checkpoint(resume))
 
 
 @dataclass
@@ -112,10 +136,14 @@ def make_scaler(device: torch.device, amp_dtype) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
 
 
-def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
+def pretrain(cfg: Config, resume: bool | str | ResumePoint = False, log=print, accept_changes: bool = False,
+             dry_run: bool = False) -> dict:
     """Pre-train ``cfg.method`` on ``cfg.data.train``; returns the final metrics.
 
-    ``resume``: False, True (the newest checkpoint in ``output_dir`` that loads) or a checkpoint path.
+    ``resume``: False, True (the newest checkpoint in ``output_dir`` that loads), a checkpoint path, or a
+    ``ResumePoint``. A resume whose config differs from the checkpoint's in keys that change the run is refused
+    unless ``accept_changes``. ``dry_run``: every check (config, data, model, output_dir), then return without
+    writing anything.
     """
     validate(cfg)
     device = D.init_distributed(resolve_device(cfg.train.device))
@@ -130,11 +158,11 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
     D.check_same_config(to_dict(cfg))
     batch = cfg.train.batch_size
     if batch % world:
-        raise ValueError(f"train.batch_size={batch} is the global batch and must be divisible by the "
+        raise ConfigError(f"train.batch_size={batch} is the global batch and must be divisible by the "
                          f"number of processes ({world}); use a multiple of {world}.")
     accum = cfg.train.accum_steps
     if (batch // world) % accum or batch // world // accum < 2:
-        raise ValueError(f"train.batch_size={batch} over {world} process(es) and train.accum_steps={accum} gives "
+        raise ConfigError(f"train.batch_size={batch} over {world} process(es) and train.accum_steps={accum} gives "
                          f"micro-batches of {batch / world / accum:g} images; they must be whole and at least 2 "
                          "(BatchNorm in the heads). Raise train.batch_size or lower train.accum_steps.")
     dataset = build.build_train_dataset(cfg)
@@ -147,10 +175,48 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
     method.check_setup(batch)
     if cfg.train.grad_checkpointing:
         method.backbone.set_grad_checkpointing(True)
-    ckpt_path, state = _resume_state(out, resume, log)
-    if main:
-        _check_writable(out)
+    point = _resume_point(cfg, out, resume, accept_changes, log)
+    if point is None:
+        D.on_main_then_agree(lambda: check_fresh_output_dir(out))
+    if dry_run:
+        return {"global_step": point.state.get("global_step", 0) if point else 0,
+                "steps_per_epoch": len(dataset) // batch}
+    # One run per output_dir: rank 0 holds the lock; a new run re-checks the folder under it (another run may have
+    # started meanwhile). Every rank stops if rank 0 cannot.
+    lock = RunLock(out, fresh=point is None)
 
+    def take_lock():
+        lock.acquire()
+        try:
+            check_output_dir_writable(out)
+        except BaseException:
+            lock.release()
+            raise
+
+    D.on_main_then_agree(take_lock)
+    try:
+        return _train(cfg, out, device, amp_dtype, dataset, eval_sets, method, point, log)
+    finally:
+        lock.release()
+
+
+def _resume_point(cfg: Config, out: Path, resume, accept_changes: bool, log) -> ResumePoint | None:
+    """The checkpoint to continue from (None for a new run), after checking its config against ``cfg``."""
+    if not resume:
+        return None
+    point = resume if isinstance(resume, ResumePoint) else find_resume_point(out, resume, log)
+    check_resume_changes(config_changes(point.config(), cfg), point.path, accept_changes, log)
+    if point.path.resolve().parent != out.resolve():
+        D.on_main_then_agree(lambda: check_fresh_output_dir(out))  # another run's checkpoint, continued elsewhere
+    return point
+
+
+def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method, point: ResumePoint | None,
+           log) -> dict:
+    main = D.is_main_process()
+    world = D.world_size()
+    batch, accum = cfg.train.batch_size, cfg.train.accum_steps
+    knn_enabled = eval_sets is not None
     if world > 1:
         method = convert_sync_batchnorm(method, device)
     method.to(device)
@@ -169,24 +235,25 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
                             cfg.train.betas, device)
     scaler = make_scaler(device, amp_dtype)
 
+    last_step = sched.total_steps if cfg.train.max_steps <= 0 else min(sched.total_steps, cfg.train.max_steps)
     start_epoch, global_step = 0, 0
-    if state is not None:
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]  # one state per rank that saved it
-        set_rng_state(rng[D.rank()] if D.rank() < len(rng) else rng[0])
-        global_step = state["global_step"]
+    if point is not None:
+        global_step = _load_training_state(point, method, optimizer, scaler)
         start_epoch = global_step // steps_per_epoch
-        log(f"resumed from {ckpt_path} at step {global_step} (epoch {global_step / steps_per_epoch:.2f})")
-        del state
+        if global_step >= last_step:
+            log(f"nothing to train: {point.path} is at step {global_step} and this run ends at step {last_step} "
+                f"(train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}). To train longer, raise "
+                "train.epochs (with --accept-changes) or train.max_steps.")
+            return {"global_step": global_step, "trained_steps": 0}
+        log(f"resumed from {point.path} at step {global_step} (epoch {global_step / steps_per_epoch:.2f})")
+    first_step = global_step
     model = D.wrap_ddp(method, device)
     if cfg.train.compile:
         model = torch.compile(model)
 
     logger = None
-    if main:  # _check_writable created output_dir
-        (out / "config.yaml").write_text(to_yaml(cfg))
+    if main:  # check_output_dir_writable created output_dir
+        _write_config(out, cfg, point, global_step)
         logger = MetricsLogger(out)
     n_params = sum(p.numel() for p in method.backbone.parameters()) / 1e6
     log(f"{cfg.method.name} | backbone {cfg.model.backbone} ({n_params:.1f}M) | {len(dataset)} images | "
@@ -194,28 +261,36 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
         + f" | {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs | device {device} | "
         f"amp {amp_dtype or 'off'} | output {out}")
 
-    def save(path_fn=None):
+    saved = {"path": None, "step": None}  # the newest checkpoint this run wrote
+
+    def save(path_fn=None) -> bool:
         """Rank 0 writes a checkpoint (every rank calls this: RNG states are gathered); a failed write is
-        reported and the previous checkpoint stays intact."""
+        reported and the previous checkpoint stays intact. Returns whether it was written."""
         rng = D.gather_objects(rng_state())
         if not main:
-            return
+            return True
         ckpt = {"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rng, "epoch": global_step // steps_per_epoch,
                 "global_step": global_step, "config": to_dict(cfg)}
         try:
             if path_fn is not None:
                 save_checkpoint(ckpt, path_fn)
-            else:
-                done = global_step // steps_per_epoch
-                keep = done if (cfg.train.keep_every and global_step % steps_per_epoch == 0
-                                and done % cfg.train.keep_every == 0) else None
-                write_run_checkpoint(ckpt, out, global_step, cfg.train.keep_last, keep_epoch=keep)
+                return True
+            done = global_step // steps_per_epoch
+            keep = done if (cfg.train.keep_every and global_step % steps_per_epoch == 0
+                            and done % cfg.train.keep_every == 0) else None
+            saved["path"] = write_run_checkpoint(ckpt, out, global_step, cfg.train.keep_last, keep_epoch=keep,
+                                                 log=progress.write)
+            saved["step"] = global_step
+            return True
         except OSError as e:
-            progress.write(f"warning: could not write a checkpoint at step {global_step} ({e}); the previous "
-                           f"checkpoint is intact. Free disk space or fix {out}; training continues.")
+            previous = f"the previous checkpoint ({saved['path']}) is intact" if saved["path"] else \
+                "no checkpoint of this run was written yet"
+            progress.write(f"warning: could not write a checkpoint at step {global_step} "
+                           f"({getattr(e, 'strerror', None) or e}); {previous}. Free disk space or fix {out}; "
+                           "training continues.")
+            return False
 
-    last_step = sched.total_steps if cfg.train.max_steps <= 0 else min(sched.total_steps, cfg.train.max_steps)
     progress = Progress(last_step, global_step, cfg.train.log_every, enabled=main)
     nonfinite = NonFiniteGuard(cfg.train.max_bad_steps)
     bad_data = BadDataMonitor(cfg.data.max_bad_fraction, cfg.data.train, min_images=min(200, len(dataset)))
@@ -251,8 +326,8 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
                         stop = (log_due or save_due) and D.any_rank(stop, device)
                     if log_due or save_due or stop:
                         if not nonfinite.check(global_step, progress.write):
-                            save(out / DIAGNOSTIC)
-                            raise FloatingPointError(nonfinite.message(out / DIAGNOSTIC))
+                            wrote = save(out / DIAGNOSTIC)
+                            raise TrainingDiverged(nonfinite.message(out / DIAGNOSTIC if wrote else None))
 
                     if log_due:
                         values = {k: D.mean_across_ranks(v.detach().float()).item() for k, v in outputs.items()}
@@ -279,9 +354,12 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
                 due = (cfg.train.knn_every > 0 and global_step % steps_per_epoch == 0
                        and done_epochs % cfg.train.knn_every == 0)
                 if knn_enabled and (due or global_step >= last_step):
-                    results = run_knn(cfg, method.backbone, device, amp_dtype, eval_sets)
+                    skipped: dict = {}
+                    results = run_knn(cfg, method.backbone, device, amp_dtype, eval_sets, skipped=skipped)
                     if logger:
-                        logger.log("knn", global_step, epoch=done_epochs, **results)
+                        unreadable = sum(skipped.values())
+                        logger.log("knn", global_step, epoch=done_epochs, **results,
+                                   **({"skipped_images": unreadable} if unreadable else {}))
                     progress.write(f"k-NN at epoch {global_step / steps_per_epoch:g} (step {global_step}): "
                                    + _fmt(results))
                     method.train()
@@ -290,36 +368,46 @@ def pretrain(cfg: Config, resume: bool | str = False, log=print) -> dict:
         if logger:
             logger.close()
     D.barrier()
-    log(f"done: {global_step} steps; checkpoint {out / LATEST}"
+    trained = global_step - first_step
+    if main and saved["step"] != global_step:
+        where = (f"the newest checkpoint is {saved['path']} (step {saved['step']})" if saved["path"] else
+                 "no checkpoint of this run could be written")
+        raise CheckpointError(f"trained {trained} steps (to step {global_step}) but the final checkpoint could not "
+                              f"be written; {where}. Free disk space in {out}, then resume.")
+    log(f"done: trained {trained} steps (to step {global_step}); checkpoint {saved['path']}"
         + (f"; k-NN: {_fmt(results)}" if results else "")
         + (f"; skipped {bad_data.failed} unreadable images" if bad_data.failed else ""))
-    return {"global_step": global_step, **results}
+    return {"global_step": global_step, "trained_steps": trained, **results}
 
 
-def _check_writable(out: Path) -> None:
+def _load_training_state(point: ResumePoint, method, optimizer, scaler) -> int:
+    """Load a checkpoint's training state into freshly built objects; returns its step."""
+    state = point.state
+    missing = [k for k in ("method", "optimizer", "scaler", "rng", "global_step") if k not in state]
+    if missing:
+        raise CheckpointError(f"{point.path} is not a pre-training checkpoint of mobyssl (no {', '.join(missing)}); "
+                              "--resume needs a checkpoint_*.pth written by `mobyssl pretrain`.")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise CheckpointError(f"output_dir={out} is not writable ({e.strerror or e}); choose another "
-                              "output_dir or fix its permissions.") from None
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{point.path} does not fit the model this config builds "
+                              f"({str(e).strip().splitlines()[0][:200]}). Resume with the config it was trained with "
+                              "(omit --config: the checkpoint's own config is used).") from None
+    rng = state["rng"]  # one state per rank that saved it
+    set_rng_state(rng[D.rank()] if D.rank() < len(rng) else rng[0])
+    return int(state["global_step"])
 
 
-def _resume_state(out: Path, resume: bool | str, log) -> tuple[Path | None, dict | None]:
-    if not resume:
-        if step_checkpoints(out) or (out / LATEST).exists():
-            raise CheckpointError(f"output_dir={out} already holds the checkpoints of a run. Pass --resume to "
-                                  "continue it, or choose another output_dir (nothing was overwritten).")
-        return None, None
-    if resume is True:
-        found = find_resumable(out, log)
-        if found is None:
-            raise CheckpointError(f"--resume: no checkpoint that loads in output_dir={out}; start without "
-                                  "--resume or set output_dir to the run to continue.")
-        return found
-    return Path(resume), load_checkpoint(resume)
+def _write_config(out: Path, cfg: Config, point: ResumePoint | None, step: int) -> None:
+    """``config.yaml`` holds the config a run started with and is never replaced; a resume with another
+    config (accepted changes) records it beside, as ``config_step<N>.yaml``."""
+    first = out / "config.yaml"
+    if not first.exists():
+        first.write_text(to_yaml(cfg))
+    elif point is not None and config_changes(point.config(), cfg):
+        (out / f"config_step{step:08d}.yaml").write_text(to_yaml(cfg))
 
 
 def _fmt(results: dict) -> str:

@@ -33,8 +33,9 @@ def test_torchrun_pretrain_then_resume(tmp_path, tiny_overrides):
     # Each rank's RNG (drop path) is saved, and the two streams differ.
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
-    out = _torchrun(*common, "train.max_steps=4", "--resume", cwd=tmp_path)
-    assert "resumed from" in out and "knn_top1_k20" in out
+    # The resumed run continues with the checkpoint's config; k-NN at the end is a safe change.
+    out = _torchrun(*common, "train.max_steps=4", "train.knn_every=0", "--resume", cwd=tmp_path)
+    assert "resumed from" in out and "knn_top1_k20" in out and "train.knn_every -1 -> 0" in out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # Only rank 0 writes: each step appears once.
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
@@ -56,9 +57,10 @@ def test_distributed_evaluation_matches_one_process(tmp_path, tiny_overrides):
     _torchrun("knn", "--checkpoint", ckpt, "--output", str(tmp_path / "two.json"), cwd=tmp_path)
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
-    assert set(one) == set(two)
+    assert set(one) == set(two) and one["model"] == two["model"]
     for k in one:  # every test image and bank image embedded once, gathered: the same votes
-        assert abs(one[k] - two[k]) < 1e-9, (k, one[k], two[k])
+        if k.startswith("knn_"):
+            assert abs(one[k] - two[k]) < 1e-9, (k, one[k], two[k])
     out = _torchrun("linear", "--checkpoint", ckpt, "linear.epochs=1", "linear.batch_size=128",
                     "data.eval_train=bundled:cifar10-sample-test", "--output", str(tmp_path / "lin.json"), cwd=tmp_path)
     lin = json.loads((tmp_path / "lin.json").read_text())

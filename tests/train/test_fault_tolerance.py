@@ -16,6 +16,7 @@ from PIL import Image
 
 from mobyssl.cli import main
 from mobyssl.data import DataError
+from mobyssl.errors import CheckpointError
 from mobyssl.methods import MoBY
 from mobyssl.train import checkpoint as ckpt_mod
 from mobyssl.train.checkpoint import load_checkpoint, step_checkpoints, write_run_checkpoint
@@ -118,13 +119,14 @@ def test_truncated_checkpoint_is_reported_and_skipped(tiny_cfg, capsys):
     assert load_checkpoint(run / "checkpoint.pth")["global_step"] == 6
 
 
-def test_checkpoint_write_failing_halfway_keeps_the_previous_one(tiny_cfg, monkeypatch, capsys):
+def _failing_save(monkeypatch, fails):
+    """torch.save writes half of the checkpoints numbered in ``fails``, then the disk is full."""
     real_save = torch.save
     calls = {"n": 0}
 
     def failing_save(obj, f, *a, **kw):
         calls["n"] += 1
-        if calls["n"] >= 2:  # the second checkpoint: write half of it, then the disk is full
+        if calls["n"] in fails:
             buf = io.BytesIO()
             real_save(obj, buf)
             f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
@@ -132,14 +134,34 @@ def test_checkpoint_write_failing_halfway_keeps_the_previous_one(tiny_cfg, monke
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    return real_save
+
+
+def test_checkpoint_write_failing_halfway_keeps_the_previous_one(tiny_cfg, monkeypatch, capsys):
+    real_save = _failing_save(monkeypatch, fails={2})
     result = pretrain(tiny_cfg("train.max_steps=3", "train.save_every_steps=1", "train.knn_every=-1"))
     assert result["global_step"] == 3  # training went on
     out = capsys.readouterr().out
     assert "could not write a checkpoint at step 2" in out and "No space left" in out
+    assert "checkpoint_step00000001.pth) is intact" in out
     run = Path(tiny_cfg().output_dir)
     monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
-    assert load_checkpoint(run / "checkpoint.pth")["global_step"] == 1  # the previous one, intact
+    assert load_checkpoint(run / "checkpoint.pth")["global_step"] == 3  # the next write worked again
+    assert "checkpoint_step00000003.pth" in out.splitlines()[-1]  # the final message names the file written
     assert not list(run.glob("*.tmp"))
+
+
+def test_a_final_checkpoint_that_cannot_be_written_is_an_error_naming_the_last_good_one(tiny_cfg, monkeypatch,
+                                                                                      capsys):
+    real_save = _failing_save(monkeypatch, fails={2, 3})
+    with pytest.raises(CheckpointError) as e:
+        pretrain(tiny_cfg("train.max_steps=3", "train.save_every_steps=1", "train.knn_every=-1"))
+    run = Path(tiny_cfg().output_dir)
+    assert "final checkpoint could not be written" in str(e.value)
+    assert f"{run / 'checkpoint_step00000001.pth'} (step 1)" in str(e.value)
+    assert "done:" not in capsys.readouterr().out  # no claim of a finished run
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert load_checkpoint(run / "checkpoint.pth")["global_step"] == 1
 
 
 def test_read_only_output_dir_fails_before_training(tmp_path, capsys):

@@ -7,6 +7,7 @@ import torch
 from helpers import metrics_records
 
 from mobyssl.cli import main
+from mobyssl.errors import RunDirError
 from mobyssl.models.momentum import cosine_momentum
 from mobyssl.train.checkpoint import CheckpointError, load_checkpoint
 from mobyssl.train.trainer import pretrain
@@ -71,7 +72,8 @@ def test_knn_linear_and_export_from_checkpoint(tiny_cfg, tmp_path, capsys):
     out_json = tmp_path / "knn.json"
     assert main(["knn", "--checkpoint", ckpt, "--output", str(out_json)]) == 0
     res = json.loads(out_json.read_text())
-    assert set(res) == {"knn_top1_k20", "knn_top5_k20", "knn_top1_k200", "knn_top5_k200"}
+    assert set(res) == {"knn_top1_k20", "knn_top5_k20", "knn_top1_k200", "knn_top5_k200", "model", "command"}
+    assert res["command"] == "knn" and res["model"].startswith(f"checkpoint {ckpt} (step 2")
     assert main(["linear", "--checkpoint", ckpt, "linear.mode=fast", "linear.epochs=2"]) == 0
     assert "linear_top1" in capsys.readouterr().out
     exported = tmp_path / "backbone.pth"
@@ -103,6 +105,6 @@ def test_pretrain_on_gpu_in_bf16(tiny_cfg):
 def test_fresh_run_refuses_an_output_dir_that_holds_a_run(tiny_cfg):
     pretrain(tiny_cfg("train.max_steps=1", "train.knn_every=-1"))
     before = (Path(tiny_cfg().output_dir) / "checkpoint.pth").resolve().read_bytes()
-    with pytest.raises(CheckpointError, match="--resume"):
+    with pytest.raises(RunDirError, match="--resume"):
         pretrain(tiny_cfg("train.max_steps=2", "train.knn_every=-1"))
     assert (Path(tiny_cfg().output_dir) / "checkpoint.pth").resolve().read_bytes() == before
