@@ -390,3 +390,26 @@ def test_iter_fields_keys_are_all_settable():
     overrides = [f"{k}={json.dumps(v)}" for k, v, _ in iter_fields()]
     cfg = load_config(None, overrides)
     assert cfg == Config()
+
+
+def _float_keys():
+    from mobyssl.config import iter_field_infos
+
+    return [k for k, v, _ in iter_field_infos() if isinstance(v, float) or
+            (isinstance(v, list) and v and isinstance(v[0], float))]
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused_as_such_for_every_float_key(value):
+    keys = _float_keys()
+    assert {"train.lr", "train.weight_decay", "data.aug.crop_scale", "method.temperature"} <= set(keys)
+    for key in keys:
+        v = f"[{value}, {value}]" if isinstance(_default(key), list) else value
+        with pytest.raises(ConfigError, match=rf"'{re.escape(key)}(\[\d\])?' must be a finite number"):
+            load_config("quickstart", [f"{key}={v}"])
+
+
+def _default(key):
+    from mobyssl.config import iter_field_infos
+
+    return {k: v for k, v, _ in iter_field_infos()}[key]
