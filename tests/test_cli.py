@@ -278,3 +278,46 @@ def test_methods_lists_moby(capsys):
     assert code == 0
     (line,) = [ln for ln in out.splitlines() if ln.startswith("moby")]
     assert len(line.split(None, 1)) == 2  # name and a description
+
+
+# --------------------------------------------------------------------------- schema, help, argument order
+
+
+def test_config_schema_is_json_with_each_methods_options_and_bounds(capsys):
+    import json
+
+    code, out, _ = run(capsys, "config-schema")
+    assert code == 0
+    schema = json.loads(out)
+    method = schema["properties"]["method"]["oneOf"]
+    assert len(method) == 1
+    moby = schema["$defs"][method[0]["$ref"].rsplit("/", 1)[1]]
+    assert moby["properties"]["name"]["const"] == "moby"
+    assert moby["properties"]["queue_size"]["minimum"] == 1
+    train = schema["$defs"]["TrainConfig"]["properties"]
+    assert train["lr"]["exclusiveMinimum"] == 0 and train["min_lr"]["minimum"] == 0
+    assert set(schema["$defs"]["AugConfig"]["properties"]) >= {"crop_scale", "blur_prob"}
+
+
+def test_help_shows_each_keys_range(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert "train.lr = 0.001   (> 0, <= 10)" in out
+    assert "method.* keys of method.name=moby:" in out and "method.queue_size = 4096   (>= 1" in out
+
+
+def test_overrides_after_resume_keep_their_order(capsys):
+    # `--resume key=value` is an override, not a checkpoint path; the later of two values wins.
+    code, out, err = run(capsys, "pretrain", "--config", "quickstart", "train.epochs=5", "--resume", "train.epochs=7",
+                         "--print-config")
+    assert code == 0, err
+    assert yaml.safe_load(out)["train"]["epochs"] == 7
+
+
+def test_stray_arguments_are_errors(capsys):
+    code, _, err = run(capsys, "pretrain", "--print-config", "notakeyvalue")
+    assert code == 2 and "override 'notakeyvalue' must look like key=value" in err
+    with pytest.raises(SystemExit) as ei:
+        main(["pretrain", "--print-config", "train.epochs=3", "--no-such-flag"])
+    assert ei.value.code == 2 and "--no-such-flag" in capsys.readouterr().err
