@@ -55,7 +55,8 @@ def build_eval_datasets(cfg: Config, train_transform=None):
             )
     if train.classes != test.classes:
         raise DataError(f"{train_key} and data.test have different classes ({len(train.classes)} vs "
-                        f"{len(test.classes)}: {train.classes[:5]} vs {test.classes[:5]}).")
+                        f"{len(test.classes)}: {train.classes[:5]} vs {test.classes[:5]}); point both at splits of "
+                        "the same dataset, with the same class folders.")
     return train, test
 
 

@@ -8,6 +8,7 @@ exit code 2. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -251,11 +252,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .train.checkpoint import backbone_state_dict, check_export_target, load_checkpoint, save_export
+    from .train.checkpoint import backbone_state_dict, check_export_target, check_finite, load_checkpoint, save_export
 
     output = check_export_target(args.output, args.checkpoint, args.overwrite)  # before any work
     state = load_checkpoint(args.checkpoint)
     sd = backbone_state_dict(state, args.checkpoint)
+    check_finite(sd, args.checkpoint)
     save_export(sd, output, source_checkpoint=args.checkpoint, overwrite=args.overwrite)
     cfg = state.get("config") or {}
     model = cfg.get("model", {})
@@ -322,7 +324,8 @@ def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if "=" not in a or a.startswith("-")]
     if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        command = parser._subparsers._group_actions[0].choices.get(args.command) if args.command else None
+        (command or parser).error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if getattr(args, "resume", None) == "":
         args.resume = True
     if extra:  # overrides after options come after those before them: their order is kept
@@ -342,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"pretrain": _cmd_pretrain, "knn": _cmd_eval, "linear": _cmd_eval, "export": _cmd_export}
     prefix = f"mobyssl {args.command}: error:"
     try:
-        return handlers.get(args.command, _cmd_list)(args)
+        code = handlers.get(args.command, _cmd_list)(args)
+        sys.stdout.flush()  # here, so that a closed pipe is handled below, not at interpreter exit
+        return code
     except TrainingInterrupted as e:
         print(f"mobyssl {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum
@@ -352,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # output piped into `head` and the like
-        sys.stdout = open(os.devnull, "w")
+    except BrokenPipeError:  # output piped into `head` and the like: nothing more to say
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as e:  # the file system said no: a full disk, permissions, a vanished file
         print(f"{prefix} {_os_message(e)}", file=sys.stderr)

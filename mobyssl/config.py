@@ -413,7 +413,8 @@ def resolve_recipe(name_or_path: str) -> Path:
         if p.is_dir():
             raise ConfigError(f"--config {p} is a folder; give a recipe name or a YAML file")
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+            raise ConfigError(f"config file {p} does not exist; check the path, or give the name of a shipped recipe "
+                              "(see `mobyssl recipes`)")
         return p
     candidate = recipe_dir() / f"{name_or_path}.yaml"
     if candidate.is_file():
@@ -446,7 +447,8 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
 
 def _load_yaml_chain(path: Path, seen: tuple) -> dict:
     if path in seen:
-        raise ConfigError(f"recipe {path} includes itself through 'base:'")
+        raise ConfigError(f"recipe {path} includes itself through 'base:'; make one of the files in that chain "
+                          "stand on its own (remove its 'base:' line)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -498,7 +500,8 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
             node[p] = {}
         elif not isinstance(node[p], dict):
             raise ConfigError(f"override '{key}=...': '{'.'.join(parts[:i + 1])}' is a value, not a section "
-                              "of keys")
+                              f"of keys; set it directly ({'.'.join(parts[:i + 1])}=...) or check the key with "
+                              "`mobyssl pretrain --help`")
         node = node[p]
     node[parts[-1]] = value
 

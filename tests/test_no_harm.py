@@ -275,3 +275,65 @@ def test_worker_errors_show_the_underlying_message(capsys, tmp_path, tiny_overri
     line = one_line([ln for ln in err.splitlines() if "error:" in ln][0])
     assert code == 2 and "DataLoader worker" not in line and "Original Traceback" not in line
     assert str(bad) in line
+
+
+# ---------------------------------------------------------------- found by the hostile probe
+
+
+def _nan_copy(trained, tmp_path):
+    """A copy of the run's checkpoint whose weights hold NaN (what checkpoint_diagnostic.pth looks like)."""
+    state = load_checkpoint(trained / "checkpoint.pth")
+    state["method"]["encoder.cls_token"] = torch.full_like(state["method"]["encoder.cls_token"], float("nan"))
+    path = tmp_path / "nan.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_non_finite_weights_are_never_trained_from_evaluated_or_exported(capsys, trained, tmp_path):
+    nan = _nan_copy(trained, tmp_path)
+    for argv in (["pretrain", f"output_dir={tmp_path / 'new'}", "--resume", str(nan)],
+                 ["knn", "--checkpoint", str(nan)],
+                 ["export", "--checkpoint", str(nan), "--output", str(tmp_path / "bb.pth")]):
+        code, out, err = run(capsys, *argv)
+        line = one_line(err)
+        assert code == 2 and str(nan) in line and "non-finite" in line and "cls_token" in line, line
+        assert "evaluating" not in out
+    assert not (tmp_path / "new").exists() and not (tmp_path / "bb.pth").exists()
+
+
+def test_a_new_run_that_fails_before_its_first_step_leaves_the_folder_as_it_was(capsys, tmp_path, tiny_overrides):
+    bad = tmp_path / "imgs"
+    bad.mkdir()
+    from PIL import Image
+
+    for i in range(60):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(bad / f"{i}.png")
+    for i in range(3):
+        (bad / f"broken{i}.png").write_bytes(b"not a png")  # 5% > max_bad_fraction 0.01: refused after the lock
+    new, empty = tmp_path / "new", tmp_path / "empty"
+    empty.mkdir()
+    for out in (new, empty):
+        code, _, err = run(capsys, "pretrain", *tiny_overrides, *FAST, "data.pipeline=gpu_resident", "train.device=cpu",
+                           f"data.train={bad}", "data.test=null", f"output_dir={out}")
+        assert code == 2 and "broken0.png" in err
+    assert not new.exists()  # created by the run, removed again
+    assert empty.is_dir() and not list(empty.iterdir())  # the user's empty folder stays, empty
+
+
+def test_an_image_size_the_patches_do_not_tile_is_refused(capsys, tmp_path, tiny_overrides):
+    code, _, err = run(capsys, "pretrain", *tiny_overrides, *FAST, "data.image_size=33", f"output_dir={tmp_path / 'r'}")
+    line = one_line(err)
+    assert code == 2 and "data.image_size=33" in line and "data.image_size=32 or 36" in line
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+def test_a_closed_stdout_pipe_ends_quietly(tmp_path, unbuffered):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    rfd, wfd = os.pipe()
+    os.close(rfd)  # the reader is gone before the command writes
+    with os.fdopen(wfd, "wb") as w:
+        proc = subprocess.run([sys.executable, "-m", "mobyssl", "backbones"], stdout=w, stderr=subprocess.PIPE,
+                              text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

@@ -331,7 +331,8 @@ class ZipDataset(_ImageList):
             raise DataError(f"{path} cannot be read as a zip file ({e.strerror or e}); fix its permissions or "
                             "re-create it.") from None
         if not names:
-            raise DataError(f"zip file {path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+            raise DataError(f"zip file {path} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}); point the "
+                            "key at a zip of images or of an ImageFolder tree.")
         rel = _strip_common_root(names)
         labels, classes = _labels_from_paths(rel)
         super().__init__(str(path), names, labels, classes, transform)

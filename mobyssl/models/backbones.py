@@ -124,6 +124,7 @@ def create_backbone(name: str, *, img_size: int | None = None, drop_path_rate: f
         raise BackboneError(f"cannot build backbone '{name}' (model.backbone) with arguments {args} (the preset's, "
                             f"data.image_size and model.kwargs): {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
                             "Fix model.kwargs or data.image_size.") from None
+    _check_patch_grid(model, name)
     if norm_before_mlp == "bn":
         if use_bn_before_mlp(model) == 0:
             raise BackboneError(
@@ -133,6 +134,21 @@ def create_backbone(name: str, *, img_size: int | None = None, drop_path_rate: f
     elif norm_before_mlp != "ln":
         raise BackboneError(f"model.norm_before_mlp must be 'ln' or 'bn', got {norm_before_mlp!r}")
     return model
+
+
+def _check_patch_grid(model: nn.Module, name: str) -> None:
+    """An image size the patches do not tile would silently drop its last rows and columns: refuse it."""
+    embed = getattr(model, "patch_embed", None)
+    patch, size = getattr(embed, "patch_size", None), getattr(embed, "img_size", None)
+    if not patch or not size:
+        return
+    patch, size = tuple(patch), tuple(size)
+    if any(s % p for s, p in zip(size, patch)):
+        p = patch[0]
+        lower, upper = size[0] // p * p, -(-size[0] // p) * p
+        raise BackboneError(f"data.image_size={size[0]} is not a multiple of the patch size {p} of backbone '{name}' "
+                            f"(model.backbone): the last {size[0] - lower} pixel row(s) and column(s) would be dropped. "
+                            f"Use data.image_size={lower} or {upper}.")
 
 
 def feature_dim(model: nn.Module) -> int:

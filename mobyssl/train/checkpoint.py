@@ -45,7 +45,8 @@ class CheckpointWriteError(OSError, MobysslError):
         self.original = original
 
     def __str__(self) -> str:
-        return f"cannot write {self.filename}: {self.strerror}" + (f" ({self.detail})" if self.detail else "")
+        return (f"cannot write {self.filename}: {self.strerror}" + (f" ({self.detail})" if self.detail else "")
+                + "; free disk space or write elsewhere")
 
 
 # What torch's zip writer says when its output stream failed (it raises RuntimeError, not OSError).
@@ -165,6 +166,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError, IndexError,
             KeyError, struct.error) as e:
+        if "Weights only load failed" in str(e):  # torch's advice to load untrusted code is not ours to give
+            raise CheckpointError(f"cannot read checkpoint {path}: it holds Python objects other than tensors, numbers "
+                                  "and plain containers, which are not loaded (that could run code); it was not "
+                                  "written by mobyssl or as a plain state dict. Use a mobyssl checkpoint or a "
+                                  "state dict saved with torch.save(model.state_dict(), ...).") from None
         raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
                               "The file is truncated or not a PyTorch checkpoint; use an earlier checkpoint.") from None
     if not isinstance(state, dict):
@@ -296,9 +302,21 @@ def backbone_state_dict(state: dict, source: str = "checkpoint") -> dict:
                           f"(top-level keys: {', '.join(list(state)[:8])})")
 
 
+def check_finite(state_dict: dict, source) -> None:
+    """Refuse weights holding NaN or Inf (a diverged run's ``checkpoint_diagnostic.pth``, a damaged file): training
+    from them or evaluating them would only produce garbage."""
+    bad = [k for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source} holds non-finite weights ({len(bad)} tensor(s) with NaN or Inf, e.g. {bad[0]}): "
+                              f"it was written after a divergence or is damaged. Use an earlier checkpoint (runs keep "
+                              f"checkpoint_step*.pth; checkpoint_diagnostic.pth is for inspection only).")
+
+
 def load_backbone_weights(backbone: torch.nn.Module, sd: dict, source: str) -> None:
     """Load ``sd`` into ``backbone``; a mismatch is a CheckpointError counting missing, unexpected and
     wrongly shaped tensors (with an example of each) and naming the config keys that shape a backbone."""
+    check_finite(sd, source)
     own = backbone.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

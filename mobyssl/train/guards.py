@@ -128,10 +128,16 @@ class CollapseMonitor:
 class TrainingInterrupted(Exception):
     """The run stopped on SIGTERM/SIGINT after saving a checkpoint."""
 
-    def __init__(self, signum: int, step: int, output_dir: Path):
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, checkpoint_step: int | None):
         self.signum, self.step = signum, step
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; the checkpoint in {output_dir} "
-                         "holds this step. Continue with the same command plus --resume.")
+        if checkpoint is not None and checkpoint_step == step:
+            saved = f"the checkpoint {checkpoint} holds this step"
+        elif checkpoint is not None:
+            saved = f"this step could not be saved; the newest checkpoint is {checkpoint} (step {checkpoint_step})"
+        else:
+            saved = "no checkpoint of this run could be saved"
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; {saved}. Continue with the same "
+                         "command plus --resume.")
 
 
 class StopSignals:

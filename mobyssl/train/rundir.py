@@ -144,11 +144,13 @@ class RunLock:
         self.path = self.output_dir / LOCK_NAME
         self.fresh = fresh
         self.created = False
+        self.created_dir = False
         self._fd: int | None = None
         self._discard = False  # remove the lock file on release (a refused new run that created it)
 
     def acquire(self) -> RunLock:
         out = self.output_dir
+        self.created_dir = not out.exists()
         _make_dir(out)
         created = False
         try:
@@ -210,6 +212,25 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_UN)  # also for forked children that share this open file
         finally:
             os.close(fd)
+
+    def undo_new_run(self) -> None:
+        """For a new run that failed before it trained a step: remove what it wrote (everything in the folder,
+        which was new or empty when this lock re-checked it) and, on release, the lock file and the folder if
+        this lock created it; the folder is left as it was found."""
+        if self._fd is None or not (self.fresh and self.created):
+            return
+        import shutil
+
+        for entry in self.output_dir.iterdir():
+            if entry.name == LOCK_NAME:
+                continue
+            with contextlib.suppress(OSError):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        self._discard = True
+        self.release()
+        if self.created_dir:
+            with contextlib.suppress(OSError):
+                self.output_dir.rmdir()
 
     @property
     def held(self) -> bool:

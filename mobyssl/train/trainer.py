@@ -32,7 +32,14 @@ from ..errors import CheckpointError, ConfigError, MobysslError
 from ..eval.runner import run_knn
 from ..models.sync_bn import convert_sync_batchnorm
 from ..runtime import autocast, resolve_amp, resolve_device, rng_state, seed_everything, set_rng_state
-from .checkpoint import DIAGNOSTIC, find_resumable, load_checkpoint, save_checkpoint, write_run_checkpoint
+from .checkpoint import (
+    DIAGNOSTIC,
+    check_finite,
+    find_resumable,
+    load_checkpoint,
+    save_checkpoint,
+    write_run_checkpoint,
+)
 from .compat import check_resume_changes, config_changes
 from .guards import BadDataMonitor, CollapseMonitor, NonFiniteGuard, StopSignals, TrainingInterrupted
 from .logging import MetricsLogger, Progress
@@ -183,7 +190,7 @@ def pretrain(cfg: Config, resume: bool | str | ResumePoint = False, log=print, a
                 "steps_per_epoch": len(dataset) // batch}
     # One run per output_dir: rank 0 holds the lock; a new run re-checks the folder under it (another run may have
     # started meanwhile). Every rank stops if rank 0 cannot.
-    lock = RunLock(out, fresh=point is None)
+    lock = RunLock(out, fresh=point is None or point.path.resolve().parent != out.resolve())
 
     def take_lock():
         lock.acquire()
@@ -194,8 +201,13 @@ def pretrain(cfg: Config, resume: bool | str | ResumePoint = False, log=print, a
             raise
 
     D.on_main_then_agree(take_lock)
+    status = {"steps": 0}
     try:
-        return _train(cfg, out, device, amp_dtype, dataset, eval_sets, method, point, log)
+        return _train(cfg, out, device, amp_dtype, dataset, eval_sets, method, point, log, status)
+    except BaseException:
+        if status["steps"] == 0:
+            lock.undo_new_run()  # a new run that failed before its first step leaves the folder as it found it
+        raise
     finally:
         lock.release()
 
@@ -205,6 +217,7 @@ def _resume_point(cfg: Config, out: Path, resume, accept_changes: bool, log) -> 
     if not resume:
         return None
     point = resume if isinstance(resume, ResumePoint) else find_resume_point(out, resume, log)
+    check_finite(point.state.get("method", {}), point.path)
     check_resume_changes(config_changes(point.config(), cfg), point.path, accept_changes, log)
     if point.path.resolve().parent != out.resolve():
         D.on_main_then_agree(lambda: check_fresh_output_dir(out))  # another run's checkpoint, continued elsewhere
@@ -212,7 +225,7 @@ def _resume_point(cfg: Config, out: Path, resume, accept_changes: bool, log) -> 
 
 
 def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method, point: ResumePoint | None,
-           log) -> dict:
+           log, status: dict) -> dict:
     main = D.is_main_process()
     world = D.world_size()
     batch, accum = cfg.train.batch_size, cfg.train.accum_steps
@@ -311,6 +324,7 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
                     views = [v.to(device, non_blocking=True) for v in views]
                     outputs, ok = train_step(model, views, optimizer, scaler, lr, cfg.train.clip_grad, amp_dtype, accum)
                     global_step += 1
+                    status["steps"] += 1
                     extra = method.on_step_end(global_step, sched.total_steps, apply=ok)
                     nonfinite.record(ok)  # on the device: checked below, where the host waits anyway
                     seen += views[0].shape[0] * world
@@ -346,7 +360,8 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
                     if (save_due or stop) and nonfinite.consecutive == 0:
                         save()
                     if stop:
-                        raise TrainingInterrupted(stop_signals.signum or signal.SIGTERM, global_step, out)
+                        raise TrainingInterrupted(stop_signals.signum or signal.SIGTERM, global_step, saved["path"],
+                                                  saved["step"])
                     if is_last:
                         break
 
@@ -371,7 +386,11 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
     trained = global_step - first_step
     if main and saved["step"] != global_step:
         where = (f"the newest checkpoint is {saved['path']} (step {saved['step']})" if saved["path"] else
-                 "no checkpoint of this run could be written")
+                 "no checkpoint of this run was written")
+        if nonfinite.consecutive:
+            raise TrainingDiverged(f"trained to step {global_step}, but the last {nonfinite.consecutive} step(s) had a "
+                                   f"NaN/Inf loss or gradient, so their state was not saved; {where}. Lower train.lr or "
+                                   "raise train.warmup_epochs, then resume.")
         raise CheckpointError(f"trained {trained} steps (to step {global_step}) but the final checkpoint could not "
                               f"be written; {where}. Free disk space in {out}, then resume.")
     log(f"done: trained {trained} steps (to step {global_step}); checkpoint {saved['path']}"
@@ -387,6 +406,7 @@ def _load_training_state(point: ResumePoint, method, optimizer, scaler) -> int:
     if missing:
         raise CheckpointError(f"{point.path} is not a pre-training checkpoint of mobyssl (no {', '.join(missing)}); "
                               "--resume needs a checkpoint_*.pth written by `mobyssl pretrain`.")
+    check_finite(state["method"], point.path)
     try:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
