@@ -325,12 +325,25 @@ def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     stray = [a for a in extra if "=" not in a or a.startswith("-")]
     if stray or (extra and not hasattr(args, "overrides")):
         command = parser._subparsers._group_actions[0].choices.get(args.command) if args.command else None
-        (command or parser).error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        (command or parser).error(f"unrecognized arguments: {' '.join(stray or extra)}{_flag_hint(stray, args)}")
     if getattr(args, "resume", None) == "":
         args.resume = True
     if extra:  # overrides after options come after those before them: their order is kept
         args.overrides.extend(extra)
     return args
+
+
+def _flag_hint(stray: list[str], args) -> str:
+    """``--epochs 3`` is a config key written as a flag: say how keys are set."""
+    from .config import iter_fields
+
+    keys = [k for k, _, _ in iter_fields()]
+    for arg in stray:
+        name = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+        match = [k for k in keys if k == name or k.rsplit(".", 1)[-1] == name]
+        if arg.startswith("-") and match:
+            return f"; config keys are set as key=value without dashes, e.g. {match[0]}=..."
+    return f"; see `mobyssl {args.command or ''} --help`".replace("  ", " ")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,12 +16,11 @@ unpack what each piece needs.
 from __future__ import annotations
 
 import difflib
-import importlib
 import re
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
 
 import annotated_types as at
 import yaml
@@ -342,9 +341,14 @@ METHOD_OPTIONS: dict[str, type[MethodOptions]] = {}
 DEFAULT_METHOD = "moby"
 
 
+# Set by the package root (``mobyssl/__init__.py``) to import the modules that register method options, so
+# that this module never depends on the methods above it.
+method_discovery: Optional[Callable[[], None]] = None
+
+
 def _discover_methods() -> None:
-    # The one upward hook of this module: importing the methods package registers their options.
-    importlib.import_module("mobyssl.methods")
+    if method_discovery is not None:
+        method_discovery()
 
 
 def method_options_class(name: str) -> type[MethodOptions]:

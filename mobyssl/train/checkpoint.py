@@ -46,7 +46,7 @@ class CheckpointWriteError(OSError, MobysslError):
 
     def __str__(self) -> str:
         return (f"cannot write {self.filename}: {self.strerror}" + (f" ({self.detail})" if self.detail else "")
-                + "; free disk space or write elsewhere")
+                + "; free disk space or choose another location")
 
 
 # What torch's zip writer says when its output stream failed (it raises RuntimeError, not OSError).
