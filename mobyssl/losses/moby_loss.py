@@ -62,7 +62,13 @@ class MoBYLoss(nn.Module):
     def forward(self, pred_1: torch.Tensor, pred_2: torch.Tensor,
                 target_1: torch.Tensor, target_2: torch.Tensor) -> dict[str, torch.Tensor]:
         """All inputs ``(B, D)``; targets carry no gradient. Returns ``loss`` and similarity logs."""
-        dtype = self.queue_1.queue.dtype  # float32: the loss never runs in bf16/fp16
+        # float32 whatever the autocast dtype: the similarities to 4096 queue entries at T = 0.2 lose too much
+        # in bf16/fp16 (autocast would otherwise run the matmuls below in reduced precision).
+        with torch.autocast(device_type=pred_1.device.type, enabled=False):
+            return self._loss(pred_1, pred_2, target_1, target_2)
+
+    def _loss(self, pred_1, pred_2, target_1, target_2) -> dict[str, torch.Tensor]:
+        dtype = self.queue_1.queue.dtype  # float32 (float64 in the golden tests)
         q1, q2 = (F.normalize(p.to(dtype), dim=1) for p in (pred_1, pred_2))
         k1, k2 = (F.normalize(t.detach().to(dtype), dim=1) for t in (target_1, target_2))
         # Clones: the queues are overwritten below, before the backward pass needs them.

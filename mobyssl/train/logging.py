@@ -43,7 +43,7 @@ def _plain(v):
     if hasattr(v, "item"):
         v = v.item()
     if isinstance(v, float):
-        return round(v, 6) if math.isfinite(v) else str(v)
+        return float(f"{v:.7g}") if math.isfinite(v) else str(v)  # 7 significant digits, small lrs included
     return v
 
 

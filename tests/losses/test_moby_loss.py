@@ -97,3 +97,57 @@ def test_queue_state_travels_with_state_dict():
     b = MoBYLoss(dim=8, queue_size=8)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.queue_2.queue, b.queue_2.queue) and int(b.queue_2.ptr) == 4
+
+
+def _unit_rows(x):
+    return [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in x.tolist()]
+
+
+def _dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def test_logged_statistics_match_hand_computation():
+    """``pos_sim``, ``neg_sim`` and ``feature_std`` (read by the collapse monitor), by hand in plain Python."""
+    torch.manual_seed(0)
+    B, D = 5, 4
+    crit = MoBYLoss(dim=D, queue_size=10, temperature=0.2).double()
+    p1, p2, t1, t2 = (torch.randn(B, D, dtype=torch.float64) * 3 + 1 for _ in range(4))
+    queue_1, queue_2 = crit.queue_1.queue.tolist(), crit.queue_2.queue.tolist()
+    out = crit(p1, p2, t1, t2)
+    q1, q2, k1, k2 = (_unit_rows(x) for x in (p1, p2, t1, t2))
+    # Cosine of each prediction with the other view's target, averaged over the batch and the two pairs.
+    pos_sim = 0.5 * (sum(_dot(a, b) for a, b in zip(q1, k2)) / B + sum(_dot(a, b) for a, b in zip(q2, k1)) / B)
+    # Mean cosine of each prediction with every entry of the queue it is contrasted with (before this step's keys).
+    neg_sim = 0.5 * (sum(_dot(a, n) for a in q1 for n in queue_2) / (B * len(queue_2))
+                     + sum(_dot(a, n) for a in q2 for n in queue_1) / (B * len(queue_1)))
+    # Std over the batch (unbiased, B - 1) of each dimension of the view-1 predictions, mean over dimensions, x sqrt(D).
+    stds = []
+    for d in range(D):
+        col = [row[d] for row in q1]
+        mean = sum(col) / B
+        stds.append(math.sqrt(sum((v - mean) ** 2 for v in col) / (B - 1)))
+    feature_std = sum(stds) / D * math.sqrt(D)
+    assert abs(out["pos_sim"].item() - pos_sim) < 1e-12
+    assert abs(out["neg_sim"].item() - neg_sim) < 1e-12
+    assert abs(out["feature_std"].item() - feature_std) < 1e-12
+
+
+def test_feature_std_is_zero_for_collapsed_and_near_one_for_spread_features():
+    crit = MoBYLoss(dim=64, queue_size=512).double()
+    same = torch.randn(1, 64, dtype=torch.float64).expand(512, 64)
+    assert crit(same, same, same, same)["feature_std"].item() < 1e-6
+    spread = torch.randn(512, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert abs(crit(spread, spread, spread, spread)["feature_std"].item() - 1.0) < 0.05
+
+
+def test_similarities_to_the_queue_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    crit = MoBYLoss(dim=64, queue_size=256, temperature=0.2).eval()
+    inputs = [torch.randn(16, 64) for _ in range(4)]
+    ref = crit(*inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = crit(*inputs)
+    for k in ref:
+        assert out[k].dtype == torch.float32, k
+        assert abs(out[k].item() - ref[k].item()) < 1e-6 * max(1.0, abs(ref[k].item())), k
