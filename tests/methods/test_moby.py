@@ -1,20 +1,47 @@
+import math
+from collections import Counter
+
 import pytest
 import torch
+from torch import nn
 
 from mobyssl.methods import MoBY, get_method
-from mobyssl.models import create_backbone
-from mobyssl.models.momentum import cosine_momentum
+from mobyssl.models import TokenBatchNorm, create_backbone
 
 
-def _moby(**kw):
-    fn = lambda dpr: create_backbone("vit_nano_patch4_32", drop_path_rate=dpr, depth=2)  # noqa: E731
+def _vit(dpr):
+    return create_backbone("vit_nano_patch4_32", drop_path_rate=dpr, depth=2)
+
+
+def _swin_bn(dpr):
+    """A tiny Swin with MoBY's BatchNorm before the MLP, so the encoders carry BatchNorm buffers too."""
+    return create_backbone("swin_tiny_patch4_window7_224", img_size=32, patch_size=2, window_size=4, embed_dim=16,
+                           depths=(1, 1), num_heads=(1, 2), norm_before_mlp="bn", drop_path_rate=dpr)
+
+
+def _moby(backbone=_vit, **kw):
     args = dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, queue_size=16)
     args.update(kw)
-    return MoBY(fn, **args)
+    return MoBY(backbone, **args)
 
 
-def _views(b=8):
-    return [torch.randn(b, 3, 32, 32), torch.randn(b, 3, 32, 32)]
+def _views(b=8, dtype=torch.float32):
+    return [torch.randn(b, 3, 32, 32, dtype=dtype), torch.randn(b, 3, 32, 32, dtype=dtype)]
+
+
+def _numel(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def _unit(x):
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def _info_nce_by_hand(q, k, negatives, t):
+    """mean_i -log( exp(q_i.k_i / t) / (exp(q_i.k_i / t) + sum_j exp(q_i.n_j / t)) ), from the formula."""
+    pos = (q * k).sum(1) / t
+    neg = torch.exp(q @ negatives.t() / t).sum(1)
+    return (torch.log(torch.exp(pos) + neg) - pos).mean()
 
 
 def test_heads_have_the_paper_shape():
@@ -27,14 +54,40 @@ def test_heads_have_the_paper_shape():
     assert m.criterion.queue_1.queue.shape == (4096, 256)
 
 
-def test_target_starts_as_copy_with_its_own_drop_path():
+def _random_bn_stats(monkeypatch):
+    """Every BatchNorm built from here on starts with its own random statistics (not 0 / 1 / 0)."""
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean.normal_()
+            self.running_var.uniform_(0.5, 2.0)
+            self.num_batches_tracked.random_(1, 1000)
+
+    monkeypatch.setattr(nn.modules.batchnorm._NormBase, "reset_running_stats", reset_running_stats)
+
+
+def test_target_starts_as_exact_copy_of_online_parameters_and_buffers(monkeypatch):
+    # With default BatchNorm statistics (0, 1, 0) a copy of the parameters alone would look like a full copy:
+    # every BatchNorm here starts with different random statistics, so equal buffers prove they were copied.
+    _random_bn_stats(monkeypatch)
+    torch.manual_seed(0)
+    m = _moby(_swin_bn, drop_path_rate=0.2, target_drop_path_rate=0.0)
+    for online, target in ((m.encoder, m.encoder_target), (m.projector, m.projector_target)):
+        o, t = online.state_dict(), target.state_dict()
+        assert list(o) == list(t)
+        for k in o:
+            assert torch.equal(o[k], t[k]), k
+    buffers = [k for k in m.encoder.state_dict() if k.endswith("norm2.bn.running_mean")]
+    assert len(buffers) == 2 and int(m.projector.net[1].num_batches_tracked) > 0  # the BatchNorms are really there
+    assert not torch.equal(m.projector.net[1].running_mean, m.predictor.net[1].running_mean)  # and random
+
+
+def test_target_has_its_own_drop_path_rate():
+    m = _moby(drop_path_rate=0.3, target_drop_path_rate=0.1)
+    online = [getattr(b.drop_path1, "drop_prob", 0.0) for b in m.encoder.blocks]
+    target = [getattr(b.drop_path1, "drop_prob", 0.0) for b in m.encoder_target.blocks]
+    assert max(online) == pytest.approx(0.3) and max(target) == pytest.approx(0.1)
     m = _moby(drop_path_rate=0.2, target_drop_path_rate=0.0)
-    for (n, a), b in zip(m.encoder.state_dict().items(), m.encoder_target.state_dict().values()):
-        assert torch.equal(a, b), n
-    online_dp = [b.drop_path1 for b in m.encoder.blocks]
-    target_dp = [b.drop_path1 for b in m.encoder_target.blocks]
-    assert any(getattr(d, "drop_prob", 0) > 0 for d in online_dp)
-    assert not any(getattr(d, "drop_prob", 0) > 0 for d in target_dp)
+    assert not any(getattr(b.drop_path1, "drop_prob", 0) > 0 for b in m.encoder_target.blocks)
 
 
 def test_target_branch_receives_no_gradient():
@@ -49,30 +102,125 @@ def test_target_branch_receives_no_gradient():
         assert all(p.grad is not None for p in mod.parameters() if p.requires_grad)
     trainable = {id(p) for mod in m.trainable_modules() for p in mod.parameters()}
     assert not any(id(p) in trainable for p in m.encoder_target.parameters())
+    assert not any(id(p) in trainable for p in m.projector_target.parameters())
 
 
-def test_loss_is_sum_of_two_terms_and_queues_fill():
+def test_predictor_has_no_target():
+    m = _moby()
+    # Frozen (target) parameters are exactly one encoder and one projector; nothing mirrors the predictor.
+    frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad)
+    assert frozen == _numel(m.encoder) + _numel(m.projector)
+    assert _numel(m) == 2 * (_numel(m.encoder) + _numel(m.projector)) + _numel(m.predictor)
+
+
+def test_loss_is_exact_sum_of_two_infonce_terms_from_target_keys_and_online_queries():
+    """Hand computation: queries from the online encoder -> projector -> predictor, keys from the target
+    encoder -> projector; InfoNCE(q1, k2, queue_2) + InfoNCE(q2, k1, queue_1), T = 0.2, queues as before the step."""
+    torch.manual_seed(0)
+    m = _moby(drop_path_rate=0.0, temperature=0.2).double()
+    with torch.no_grad():  # the target branch differs from the online one, as after some training
+        for mod in (m.encoder_target, m.projector_target):
+            for p in mod.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+    x1, x2 = _views(dtype=torch.float64)
+    queue_1, queue_2 = m.criterion.queue_1.queue.clone(), m.criterion.queue_2.queue.clone()
+    out = m([x1, x2])
+    # Train mode: BatchNorms normalise with batch statistics, so running the modules again gives the same values.
+    with torch.no_grad():
+        q1, q2 = (_unit(m.predictor(m.projector(m.encoder(x)))) for x in (x1, x2))
+        k1, k2 = (_unit(m.projector_target(m.encoder_target(x))) for x in (x1, x2))
+        k1_online, k2_online = (_unit(m.projector(m.encoder(x))) for x in (x1, x2))
+    term_1 = _info_nce_by_hand(q1, k2, queue_2, 0.2)
+    term_2 = _info_nce_by_hand(q2, k1, queue_1, 0.2)
+    assert abs(out["loss"].item() - (term_1 + term_2).item()) < 1e-10
+    # Each alternative wiring gives a clearly different loss, so the match above pins this one.
+    alternatives = {
+        "one term": 2 * term_1,
+        "keys from the online branch": _info_nce_by_hand(q1, k2_online, queue_2, 0.2)
+        + _info_nce_by_hand(q2, k1_online, queue_1, 0.2),
+        "queues swapped": _info_nce_by_hand(q1, k2, queue_1, 0.2) + _info_nce_by_hand(q2, k1, queue_2, 0.2),
+        "same-view keys": _info_nce_by_hand(q1, k1, queue_2, 0.2) + _info_nce_by_hand(q2, k2, queue_1, 0.2),
+    }
+    for what, value in alternatives.items():
+        assert abs(value.item() - out["loss"].item()) > 1e-3, what
+    # The target keys of each view entered that view's queue.
+    assert int(m.criterion.queue_1.ptr) == 8 and int(m.criterion.queue_2.ptr) == 8
+    assert torch.allclose(m.criterion.queue_1.queue[:8], k1, rtol=0, atol=1e-12)
+    assert torch.allclose(m.criterion.queue_2.queue[:8], k2, rtol=0, atol=1e-12)
+    assert torch.equal(m.criterion.queue_1.queue[8:], queue_1[8:])
+
+
+def test_each_branch_runs_its_own_modules_once_per_view():
     torch.manual_seed(0)
     m = _moby()
-    out = m(_views(8))
-    # Two InfoNCE terms over 1 positive + 16 negatives: near 2 * log(17) at initialisation.
-    assert 1.0 < out["loss"].item() / (2 * torch.log(torch.tensor(17.0)).item()) < 1.5
-    assert int(m.criterion.queue_1.ptr) == 8
+    calls, inputs, outputs = Counter(), {}, {}
+    names = ("encoder", "encoder_target", "projector", "projector_target", "predictor")
+    for name in names:
+        def hook(mod, args, out, name=name):
+            calls[name] += 1
+            inputs.setdefault(name, []).append(args[0])
+            outputs.setdefault(name, []).append(out)
+        getattr(m, name).register_forward_hook(hook)
+    x1, x2 = _views()
+    m([x1, x2])
+    assert calls == {name: 2 for name in names}
+    for j, x in enumerate((x1, x2)):  # each view on its own through each branch
+        assert torch.equal(inputs["encoder"][j], x) and torch.equal(inputs["encoder_target"][j], x)
+        assert torch.equal(inputs["projector"][j], outputs["encoder"][j])
+        assert torch.equal(inputs["predictor"][j], outputs["projector"][j])
+        assert torch.equal(inputs["projector_target"][j], outputs["encoder_target"][j])
+    assert not any(o.requires_grad for o in outputs["encoder_target"] + outputs["projector_target"])
 
 
-def test_on_step_end_applies_the_cosine_momentum():
+def test_on_step_end_moves_every_target_module_by_the_cosine_momentum():
     torch.manual_seed(0)
-    m = _moby(momentum=0.9)
-    opt = torch.optim.SGD([p for mod in m.trainable_modules() for p in mod.parameters()], lr=0.5)
-    m(_views())["loss"].backward()
-    opt.step()
-    online = [p.detach().clone() for p in m.encoder.parameters()]
-    target = [p.detach().clone() for p in m.encoder_target.parameters()]
-    logs = m.on_step_end(3, 10)
-    mom = cosine_momentum(3, 10, 0.9)
-    assert logs["momentum"] == pytest.approx(mom)
-    for o, t, new in zip(online, target, m.encoder_target.parameters()):
-        assert torch.allclose(new, mom * t + (1 - mom) * o, atol=1e-6)
+    m = _moby(_swin_bn, momentum=0.9).double()
+    m(_views(dtype=torch.float64))  # the BatchNorm statistics move away from their initial values
+    with torch.no_grad():  # online and target differ everywhere
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    pairs = {"encoder": (m.encoder, m.encoder_target), "projector": (m.projector, m.projector_target)}
+    online = {k: [p.clone() for p in o.parameters()] for k, (o, _) in pairs.items()}
+    target = {k: [p.clone() for p in t.parameters()] for k, (_, t) in pairs.items()}
+    target_buffers = {k: [b.clone() for b in t.buffers()] for k, (_, t) in pairs.items()}
+    predictor = [p.clone() for p in m.predictor.parameters()]
+
+    # A skipped step (apply False, decided on the device) leaves the targets alone.
+    m.on_step_end(3, 10, apply=torch.tensor(False))
+    for k, (_, t) in pairs.items():
+        assert all(torch.equal(a, b) for a, b in zip(target[k], t.parameters())), k
+
+    # The trainer's call (apply: a True 0-d tensor), then a plain call: both apply m(step), computed by hand.
+    for step, apply in ((3, torch.tensor(True)), (4, True)):
+        logs = m.on_step_end(step, 10, apply=apply)
+        mom = 1 - (1 - 0.9) * (math.cos(math.pi * step / 10) + 1) / 2  # 0.92061... at step 3
+        assert logs["momentum"] == pytest.approx(mom, abs=1e-15)
+        for k, (o, t) in pairs.items():
+            new = list(t.parameters())
+            assert len(new) == len(target[k]) > 0
+            for i, (po, pt, pn) in enumerate(zip(online[k], target[k], new)):
+                assert torch.allclose(pn, mom * pt + (1 - mom) * po, rtol=0, atol=1e-12), (k, step, i)
+                assert (pn - pt).abs().max() > 1e-4, (k, step, i)  # it did move
+            target[k] = [p.clone() for p in new]
+            # The online side is untouched; BatchNorm statistics are not averaged (as in MoBY: parameters only).
+            assert all(torch.equal(a, b) for a, b in zip(online[k], o.parameters())), k
+            assert all(torch.equal(a, b) for a, b in zip(target_buffers[k], t.buffers())), k
+    assert all(torch.equal(a, b) for a, b in zip(predictor, m.predictor.parameters()))
+
+
+def test_bn_variant_target_has_its_own_running_statistics():
+    """BatchNorm statistics of the target come from the target's forward passes, not from the online ones."""
+    torch.manual_seed(0)
+    m = _moby(_swin_bn, drop_path_rate=0.0)
+    with torch.no_grad():
+        for p in m.encoder_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    m(_views())
+    bns = [(o, t) for o, t in zip(m.encoder.modules(), m.encoder_target.modules()) if isinstance(o, TokenBatchNorm)]
+    assert len(bns) == 2
+    for o, t in bns:
+        assert int(o.bn.num_batches_tracked) == int(t.bn.num_batches_tracked) == 2  # one per view
+        assert not torch.allclose(o.bn.running_mean, t.bn.running_mean)
 
 
 def test_wrong_number_of_views_is_an_error():

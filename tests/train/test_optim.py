@@ -1,8 +1,11 @@
+import math
+
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
-from mobyssl.train.optim import param_groups, warmup_cosine
+from mobyssl.train.optim import build_adamw, param_groups, warmup_cosine
 
 
 def test_no_weight_decay_on_biases_and_1d_parameters():
@@ -21,3 +24,50 @@ def test_warmup_then_cosine():
     assert s[60] == pytest.approx(0.505)
     assert s[-1] == pytest.approx(0.01, abs=1e-3)
     assert np.all(np.diff(s[10:]) <= 0)
+
+
+def test_frozen_parameters_are_left_out():
+    net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    net[0].weight.requires_grad_(False)
+    net[1].bias.requires_grad_(False)
+    decay, no_decay = param_groups([net], 0.05)
+    assert {id(p) for p in decay["params"]} == {id(net[2].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(net[0].bias), id(net[1].weight), id(net[2].bias)}
+
+
+def test_warmup_cosine_phase_boundaries_by_hand():
+    s = warmup_cosine(2.0, 0.5, total_steps=8, warmup_steps=4, warmup_start=0.4)
+    # Warm-up 0.4 -> 2.0 in 4 steps (the peak not included), then cosine 2.0 -> 0.5 over 4 steps (0.5 not reached).
+    assert s[:4] == pytest.approx([0.4, 0.8, 1.2, 1.6], rel=1e-12)
+    expected = [0.5 + 0.75 * (1 + math.cos(math.pi * t / 4)) for t in range(4)]
+    assert s[4:] == pytest.approx(expected, rel=1e-12)
+
+
+def test_warmup_longer_than_the_run_and_no_warmup():
+    s = warmup_cosine(1.0, 0.0, total_steps=4, warmup_steps=10, warmup_start=0.2)
+    assert len(s) == 4 and s == pytest.approx([0.2, 0.4, 0.6, 0.8], rel=1e-12)  # warm-up cut at the run's end
+    s = warmup_cosine(1.0, 0.0, total_steps=4, warmup_steps=0, warmup_start=0.2)
+    assert s == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))])
+    assert len(warmup_cosine(1.0, 0.0, total_steps=1)) == 1
+
+
+@pytest.mark.parametrize("fused_available", [True, False])
+def test_build_adamw_groups_lr_and_betas(monkeypatch, fused_available):
+    if not fused_available:  # the fallback where PyTorch has no fused kernel for the device
+        original = torch.optim.AdamW
+
+        def no_fused(*args, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("fused not supported")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    a, b = nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2))
+    opt = build_adamw([a, b], 3e-4, 0.05, [0.9, 0.95], torch.device("cpu"))
+    assert isinstance(opt, torch.optim.Optimizer) and "AdamW" in type(opt).__name__
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(a.weight), id(b[0].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(a.bias), id(b[0].bias), id(b[1].weight), id(b[1].bias)}
+    for g in opt.param_groups:
+        assert g["lr"] == 3e-4 and g["betas"] == (0.9, 0.95)

@@ -1,0 +1,150 @@
+"""Linear probes: the fast one standardises with training statistics; the full one trains only its head."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mobyssl.eval import linear as linear_module
+from mobyssl.eval import linear_probe_fast, linear_probe_full
+
+CPU = torch.device("cpu")
+
+
+def _shifted_split():
+    """Two balanced classes split at 0 on feature 0 in training; the test split is the same shifted by +10."""
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    margin = 1.0 + torch.rand(n, generator=g)
+    x0 = torch.cat([-margin, margin])  # exactly symmetric: training mean 0 on feature 0
+    y = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)])
+    train = torch.stack([x0, torch.randn(2 * n, generator=g)], dim=1)
+    test = torch.stack([x0 + 10.0, torch.randn(2 * n, generator=g)], dim=1)
+    return train, y, test, y.clone()
+
+
+def test_fast_probe_standardises_with_training_statistics_only():
+    xtr, ytr, xte, yte = _shifted_split()
+    # With the training split's mean/std every test point lies far on the class-1 side: exactly half are right.
+    # (The test split's own statistics would undo the shift and give 100%.)
+    out = linear_probe_fast(xtr, ytr, xte, yte, num_classes=2, epochs=10, batch_size=64, lr=1.0)
+    assert out == {"linear_top1": 50.0, "linear_top5": 100.0}
+    # Unshifted, the same probe is right on every point: the 50% above is the shift, not a failure to learn.
+    assert linear_probe_fast(xtr, ytr, xtr, ytr, num_classes=2, epochs=10,
+                             batch_size=64)["linear_top1"] == 100.0
+
+
+def test_fast_probe_is_unaffected_by_a_scale_and_shift_of_both_splits():
+    # Standardising with training statistics makes the probe invariant to an affine change of the features.
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 3, generator=g)
+    xtr, xte = torch.randn(600, 6, generator=g), torch.randn(300, 6, generator=g)
+    ytr, yte = (xtr @ w).argmax(1), (xte @ w).argmax(1)
+    scale, shift = torch.tensor([100.0, 0.01, 1, 5, 1, 0.2]), torch.tensor([1000.0, -3, 0, 7, 2, -50])
+    a = linear_probe_fast(xtr, ytr, xte, yte, num_classes=3, epochs=5, batch_size=100)
+    b = linear_probe_fast(xtr * scale + shift, ytr, xte * scale + shift, yte, num_classes=3, epochs=5, batch_size=100)
+    assert a["linear_top1"] == pytest.approx(b["linear_top1"], abs=100 / 300 + 1e-9)  # one point of rounding
+    assert a["linear_top1"] > 90
+
+
+class FrozenBackbone(nn.Module):
+    """An identity-like "backbone": a Linear initialised to the identity, then a BatchNorm whose running
+    statistics would move if it ran in training mode. Records its mode at every forward."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+        self.proj = nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(dim))
+            self.proj.bias.zero_()
+        self.norm = nn.BatchNorm1d(dim)
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.norm(self.proj(x))
+
+
+def _separable(n_per_class: int, dim: int = 8, classes: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    x = 0.3 * torch.randn(len(y), dim, generator=g)
+    x[torch.arange(len(y)), y] += 3.0
+    return x, y
+
+
+def _full_probe(monkeypatch, backbone, epochs=4, batch=16, lr=0.4, ref=64, n=40):
+    xtr, ytr = _separable(n)
+    xte, yte = _separable(20, seed=1)
+    loader = DataLoader(TensorDataset(xtr, ytr), batch_size=batch, shuffle=True,
+                        generator=torch.Generator().manual_seed(0), drop_last=True)
+    used = []  # the lr of every param group at each optimizer step
+    original = linear_module._sgd
+
+    def recording_sgd(*args, **kwargs):
+        opt = original(*args, **kwargs)
+        step = opt.step
+
+        def recorded(*a, **k):
+            used.append([g["lr"] for g in opt.param_groups])
+            return step(*a, **k)
+
+        opt.step = recorded
+        return opt
+
+    monkeypatch.setattr(linear_module, "_sgd", recording_sgd)
+    with torch.no_grad():  # the precomputed test features, as the runner computes them (eval mode)
+        test_feats = backbone.eval()(xte)
+    backbone.modes.clear()
+    backbone.train()  # the probe must put it in eval mode itself
+    out = linear_probe_full(backbone, loader, test_feats, yte, num_classes=3, device=CPU, epochs=epochs, lr=lr,
+                            lr_ref_batch=ref)
+    return out, used, len(loader)
+
+
+def test_full_probe_learns_separable_data_and_leaves_the_backbone_alone(monkeypatch):
+    torch.manual_seed(0)
+    backbone = FrozenBackbone(8)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    out, _, _ = _full_probe(monkeypatch, backbone)
+    assert out == {"linear_top1": 100.0, "linear_top5": 100.0}
+    after = backbone.state_dict()
+    for k, v in before.items():  # weights and BatchNorm running statistics (a forward in train mode moves them)
+        assert torch.equal(v, after[k]), k
+    assert backbone.modes and not any(backbone.modes)  # every forward ran in eval mode
+    assert not backbone.training
+    assert all(not p.requires_grad for p in backbone.parameters())
+
+
+def test_full_probe_scores_zero_when_every_test_label_is_wrong():
+    # The accuracy is measured against the test labels: the same probe, every test label shifted to a wrong class.
+    torch.manual_seed(0)
+    backbone = FrozenBackbone(8)
+    xtr, ytr = _separable(40)
+    xte, yte = _separable(20, seed=1)
+    loader = DataLoader(TensorDataset(xtr, ytr), batch_size=16, shuffle=True)
+    with torch.no_grad():
+        test_feats = backbone.eval()(xte)
+    wrong = (yte + 1) % 3
+    out = linear_probe_full(backbone, loader, test_feats, wrong, num_classes=3, device=CPU, epochs=4, lr=0.4,
+                            lr_ref_batch=64)
+    assert out["linear_top1"] == 0.0
+
+
+@pytest.mark.parametrize("batch, ref, lr", [(16, 64, 0.4), (8, 512, 1.0)])
+def test_full_probe_lr_is_scaled_by_the_global_batch_and_follows_a_cosine(monkeypatch, batch, ref, lr):
+    torch.manual_seed(0)
+    epochs = 3
+    out, used, per_epoch = _full_probe(monkeypatch, FrozenBackbone(8), epochs=epochs, batch=batch, lr=lr, ref=ref)
+    total = epochs * per_epoch
+    assert per_epoch == 120 // batch and len(used) == total
+    base = lr * batch / ref  # one process: the global batch is the loader's batch
+    for i, groups in enumerate(used):
+        expected = 0.5 * base * (1 + math.cos(math.pi * i / total))
+        for value in groups:
+            assert value == pytest.approx(expected, rel=1e-12), (i, value, expected)
+    assert used[0][0] == pytest.approx(base, rel=1e-12)
+    assert used[-1][0] < base * 0.01

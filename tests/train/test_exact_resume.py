@@ -1,0 +1,72 @@
+"""A run stopped at step 2 and resumed to step 4 is bit-for-bit the run that went to step 4 at once
+(the default CPU pipeline, in process; the kill -9 version is in test_fault_tolerance.py, marked slow)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import metrics_records
+
+from mobyssl.train import trainer
+from mobyssl.train.checkpoint import load_checkpoint
+from mobyssl.train.trainer import pretrain
+
+
+def _run(tiny_cfg, monkeypatch, out: Path, steps: int, workers: int, resume=False) -> dict:
+    """pretrain to ``steps``; returns {step: full-precision loss} of the steps this call trained."""
+    losses = {}
+    original = trainer.train_step
+
+    def recording(*args, **kwargs):
+        outputs, ok = original(*args, **kwargs)
+        losses[len(losses)] = outputs["loss"].item()
+        return outputs, ok
+
+    monkeypatch.setattr(trainer, "train_step", recording)
+    # Batch 8 keeps 3 runs fast; the queue of 32 wraps at step 4. Drop path (on the 2nd of the 2 blocks: timm
+    # spreads the rate linearly from 0) draws from the global RNG, so the RNG state must be resumed too.
+    cfg = tiny_cfg(f"output_dir={out}", f"train.max_steps={steps}", "train.save_every_steps=2", "train.knn_every=-1",
+                   f"data.num_workers={workers}", "train.batch_size=8", "method.queue_size=32",
+                   "model.drop_path_rate=0.3")
+    result = pretrain(cfg, resume=resume)
+    assert result["global_step"] == steps
+    first = steps - result["trained_steps"] + 1
+    return {first + i: v for i, v in losses.items()}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_at_step_2_gives_the_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch, workers):
+    straight = _run(tiny_cfg, monkeypatch, tmp_path / "straight", 4, workers)
+    assert sorted(straight) == [1, 2, 3, 4]
+    first = _run(tiny_cfg, monkeypatch, tmp_path / "resumed", 2, workers)
+    resumed = _run(tiny_cfg, monkeypatch, tmp_path / "resumed", 4, workers, resume=True)
+    assert sorted(first) == [1, 2] and sorted(resumed) == [3, 4]
+    for step in (1, 2):
+        assert first[step] == straight[step], step
+    for step in (3, 4):  # full precision, as computed
+        assert resumed[step] == straight[step], (step, resumed[step], straight[step])
+
+    # The logged records of steps 3 and 4 agree too (every logged value but the timing).
+    logged = {r["step"]: r for r in metrics_records(tmp_path / "resumed", "train")}
+    reference = {r["step"]: r for r in metrics_records(tmp_path / "straight", "train")}
+    assert sorted(logged) == [1, 2, 3, 4]
+    for step in (3, 4):
+        a, b = logged[step], reference[step]
+        for key in set(a) | set(b):
+            if key not in ("time", "img_per_s"):
+                assert a[key] == b[key], (step, key, a[key], b[key])
+
+    # Final checkpoints: every weight, queue, pointer, BatchNorm statistic, the optimizer and the RNG states.
+    a = load_checkpoint(tmp_path / "resumed" / "checkpoint.pth")
+    b = load_checkpoint(tmp_path / "straight" / "checkpoint.pth")
+    assert a["global_step"] == b["global_step"] == 4
+    assert set(a["method"]) == set(b["method"])
+    for key, value in b["method"].items():
+        assert torch.equal(a["method"][key], value), key
+    assert int(a["method"]["criterion.queue_1.ptr"]) == 0  # 4 x 8 keys: the 32-row queue wrapped once
+    assert not torch.equal(a["method"]["criterion.queue_1.queue"][:8], a["method"]["criterion.queue_1.queue"][24:])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in sb:
+            assert torch.equal(sa[key], sb[key]), key
+    assert len(a["optimizer"]["state"]) == len(b["optimizer"]["state"]) > 0
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
