@@ -104,30 +104,30 @@ def barrier() -> None:
         dist.barrier()
 
 
-@torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0 (rank order); ``x`` itself in one process."""
-    if not is_distributed():
-        return x
-    out = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
+    with torch.no_grad():  # in the body: mutation testing skips decorated functions
+        if not is_distributed():
+            return x
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
 
 
-@torch.no_grad()
 def gather_variable(x: torch.Tensor) -> torch.Tensor:
     """Like ``gather_no_grad`` for per-rank tensors whose first dimension differs between ranks."""
-    if not is_distributed():
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    out = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)
+    with torch.no_grad():  # in the body: mutation testing skips decorated functions
+        if not is_distributed():
+            return x
+        n = torch.tensor([x.shape[0]], device=x.device)
+        sizes = [torch.zeros_like(n) for _ in range(world_size())]
+        dist.all_gather(sizes, n)
+        sizes = [int(s) for s in sizes]
+        padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        out = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(out, padded)
+        return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)
 
 
 def gather_objects(obj) -> list:

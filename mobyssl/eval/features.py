@@ -59,7 +59,6 @@ class SkipUnreadable(Dataset):
                 random.setstate(state)
 
 
-@torch.no_grad()
 def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device,
                      amp_dtype: torch.dtype | None = None,
                      failed: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,28 +69,29 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
     backbone) and their keys appended to ``failed`` when given. The backbone runs in eval mode (no drop
     path, BN running stats) and its mode is restored.
     """
-    was_training = backbone.training
-    backbone.eval()
-    feats, labels = [], []
-    bar = tqdm(loader, desc="features", unit="batch", leave=False,
-               disable=not (sys.stderr.isatty() and D.is_main_process()))
-    try:
-        for batch in bar:
-            images, y = batch[0], torch.as_tensor(batch[1])
-            bad = [k for k in batch[2] if k] if len(batch) > 2 else []
-            if bad:
-                if failed is not None:
-                    failed.extend(bad)
-                keep = torch.tensor([not k for k in batch[2]])
-                if not keep.any():
-                    continue
-                images, y = images[keep], y[keep]
-            with autocast(device, amp_dtype):
-                f = backbone(images.to(device, non_blocking=True))
-            feats.append(f.float().cpu())
-            labels.append(y)
-    finally:
-        backbone.train(was_training)
-    if not feats:
-        return torch.empty(0, getattr(backbone, "num_features", 0)), torch.empty(0, dtype=torch.long)
-    return torch.cat(feats), torch.cat(labels).long()
+    with torch.no_grad():  # in the body: mutation testing skips decorated functions
+        was_training = backbone.training
+        backbone.eval()
+        feats, labels = [], []
+        bar = tqdm(loader, desc="features", unit="batch", leave=False,
+                   disable=not (sys.stderr.isatty() and D.is_main_process()))
+        try:
+            for batch in bar:
+                images, y = batch[0], torch.as_tensor(batch[1])
+                bad = [k for k in batch[2] if k] if len(batch) > 2 else []
+                if bad:
+                    if failed is not None:
+                        failed.extend(bad)
+                    keep = torch.tensor([not k for k in batch[2]])
+                    if not keep.any():
+                        continue
+                    images, y = images[keep], y[keep]
+                with autocast(device, amp_dtype):
+                    f = backbone(images.to(device, non_blocking=True))
+                feats.append(f.float().cpu())
+                labels.append(y)
+        finally:
+            backbone.train(was_training)
+        if not feats:
+            return torch.empty(0, getattr(backbone, "num_features", 0)), torch.empty(0, dtype=torch.long)
+        return torch.cat(feats), torch.cat(labels).long()

@@ -33,16 +33,16 @@ class FeatureQueue(nn.Module):
                 "that divides the queue size."
             )
 
-    @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Write ``keys`` ``(B, dim)`` (gathered from all ranks) over the oldest rows."""
-        keys = gather_no_grad(keys.detach()).to(self.queue.dtype)
-        n = keys.shape[0]
-        if self.size % n != 0:
-            self.check_batch(n)
-        # Rows ptr .. ptr+n-1, computed on the device: no host synchronisation.
-        rows = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
-        # Non-finite keys (a diverging step, skipped by the trainer) must not poison the negatives.
-        keys = torch.where(torch.isfinite(keys).all(), keys, self.queue[rows])
-        self.queue.index_copy_(0, rows, keys)
-        self.ptr.add_(n).remainder_(self.size)
+        with torch.no_grad():  # in the body: mutation testing skips decorated functions
+            keys = gather_no_grad(keys.detach()).to(self.queue.dtype)
+            n = keys.shape[0]
+            if self.size % n != 0:
+                self.check_batch(n)
+            # Rows ptr .. ptr+n-1, computed on the device: no host synchronisation.
+            rows = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size
+            # Non-finite keys (a diverging step, skipped by the trainer) must not poison the negatives.
+            keys = torch.where(torch.isfinite(keys).all(), keys, self.queue[rows])
+            self.queue.index_copy_(0, rows, keys)
+            self.ptr.add_(n).remainder_(self.size)

@@ -23,25 +23,25 @@ def copy_weights(online: nn.Module, target: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-@torch.no_grad()
 def ema_update(online: nn.Module, target: nn.Module, momentum: float, apply: torch.Tensor | bool = True) -> None:
     """``target = momentum * target + (1 - momentum) * online`` over parameters, in one foreach op.
 
     ``apply`` may be a 0-d bool tensor: the update then becomes a no-op where it is False, decided on
     the device without a host synchronisation.
     """
-    t_params = [p for p in target.parameters()]
-    o_params = [p.detach() for p in online.parameters()]
-    if len(t_params) != len(o_params):
-        raise ValueError("online and target networks have different parameter lists")
-    if isinstance(apply, bool):
-        if apply:
-            torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
-        return
-    weight = apply.to(t_params[0].dtype) * (1.0 - momentum)
-    try:
-        torch._foreach_lerp_(t_params, o_params, weight)
-    except (TypeError, RuntimeError):  # older PyTorch: no tensor-weight overload
-        diff = torch._foreach_sub(o_params, t_params)
-        torch._foreach_mul_(diff, weight)
-        torch._foreach_add_(t_params, diff)
+    with torch.no_grad():  # in the body: mutation testing skips decorated functions
+        t_params = [p for p in target.parameters()]
+        o_params = [p.detach() for p in online.parameters()]
+        if len(t_params) != len(o_params):
+            raise ValueError("online and target networks have different parameter lists")
+        if isinstance(apply, bool):
+            if apply:
+                torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
+            return
+        weight = apply.to(t_params[0].dtype) * (1.0 - momentum)
+        try:
+            torch._foreach_lerp_(t_params, o_params, weight)
+        except (TypeError, RuntimeError):  # older PyTorch: no tensor-weight overload
+            diff = torch._foreach_sub(o_params, t_params)
+            torch._foreach_mul_(diff, weight)
+            torch._foreach_add_(t_params, diff)
