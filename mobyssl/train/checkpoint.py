@@ -186,10 +186,14 @@ def epoch_name(epoch: int) -> str:
     return f"checkpoint_epoch{epoch:04d}.pth"
 
 
+def _step_of(path: Path) -> int | None:
+    m = _STEP_RE.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
 def step_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Step checkpoints in ``output_dir``, newest first."""
-    out = Path(output_dir)
-    found = [(int(m.group(1)), p) for p in out.glob("checkpoint_step*.pth") if (m := _STEP_RE.fullmatch(p.name))]
+    found = [(step, p) for p in Path(output_dir).glob("checkpoint_step*.pth") if (step := _step_of(p)) is not None]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -261,7 +265,10 @@ def write_run_checkpoint(state: dict, output_dir: str | os.PathLike, step: int, 
                 tmp.unlink(missing_ok=True)
             log(f"warning: could not write the permanent copy {permanent} ({e.strerror or e}); {path} is saved.")
     keep = _latest_target(out)
-    for old in step_checkpoints(out)[keep_last:]:
+    # Only this step and older ones count: newer files (left behind when a run resumed from an earlier step,
+    # e.g. past a truncated file) must not push this run's good checkpoints out of the keep_last slots.
+    ours = [p for p in step_checkpoints(out) if _step_of(p) <= step]
+    for old in ours[keep_last:]:
         if keep is not None and old.name == keep.name:
             continue
         try:

@@ -1,4 +1,7 @@
-"""Feature extraction runs the backbone in eval mode (no dropout / drop path) and restores its mode."""
+"""Feature extraction: eval-mode outputs with the mode restored, unreadable rows left out, autocast, progress bar."""
+
+import io
+import sys
 
 import pytest
 import torch
@@ -93,3 +96,120 @@ def test_vit_with_drop_path_gives_deterministic_eval_mode_features():
         in_train_mode = vit(images)
     assert torch.equal(first, expected)
     assert not torch.allclose(in_train_mode, expected, atol=1e-3)  # drop path 0.5 does change the features
+
+
+# --------------------------------------------------------------------------- unreadable images, amp, progress bar
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """``(image, label, key)`` rows as ``SkipUnreadable`` yields them: a non-empty key marks an unreadable image."""
+
+    def __init__(self, images, labels, keys):
+        self.images, self.labels, self.keys = images, labels, keys
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i], self.keys[i]
+
+
+class _Recording(ModeDependent):
+    """Records the images each forward sees and whether autocast (and which dtype) was on."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs, self.autocast = [], []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        on = torch.is_autocast_enabled("cpu")
+        self.autocast.append((on, torch.get_autocast_dtype("cpu") if on else None))
+        return super().forward(x)
+
+
+def _keyed_loader():
+    """12 images in batches of 4: batch 0 has image 1 unreadable, batch 1 is all unreadable, batch 2 is clean."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(12, 3, 4, 4, generator=g)
+    labels = torch.arange(12) % 3 + 1
+    keys = [""] * 12
+    for i in (1, 4, 5, 6, 7):
+        keys[i] = f"bad{i}.png"
+        labels[i] = -100
+        images[i] = 0.0  # the black placeholder
+    return DataLoader(_Keyed(images, labels, keys), batch_size=4), images, labels
+
+
+@pytest.mark.parametrize("collect", [True, False])
+def test_unreadable_images_are_left_out_and_their_keys_collected(collect):
+    """Rows with a key never reach the backbone nor the output; the rest keep their order; keys go to ``failed``."""
+    loader, images, labels = _keyed_loader()
+    good = [0, 2, 3, 8, 9, 10, 11]
+    backbone = _Recording()
+    failed = [] if collect else None
+    feats, ys = extract_features(backbone, loader, CPU, failed=failed)
+    if collect:
+        assert failed == ["bad1.png", "bad4.png", "bad5.png", "bad6.png", "bad7.png"]
+    assert [len(x) for x in backbone.inputs] == [3, 4]  # the all-unreadable batch is skipped, the next one is not
+    assert torch.equal(torch.cat(backbone.inputs), images[good])
+    with torch.no_grad():
+        expected = ModeDependent().eval()(images[good])
+    assert torch.equal(feats, expected) and torch.equal(ys, labels[good])
+    assert ys.dtype == torch.int64 and feats.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backbone, dim", [(ModeDependent(), 4), (nn.Flatten(), 0)])
+def test_a_loader_of_unreadable_images_only_gives_empty_features(backbone, dim):
+    """Nothing readable: ``(0, num_features)`` float32 features (``num_features`` 0 if unknown) and ``(0,)`` int64."""
+    images = torch.zeros(4, 3, 4, 4)
+    loader = DataLoader(_Keyed(images, torch.full((4,), -100), ["a", "b", "c", "d"]), batch_size=2)
+    failed = []
+    feats, ys = extract_features(backbone, loader, CPU, failed=failed)
+    assert feats.shape == (0, dim) and feats.dtype == torch.float32
+    assert ys.shape == (0,) and ys.dtype == torch.int64
+    assert failed == ["a", "b", "c", "d"]
+
+
+def test_features_run_under_autocast_when_given_an_amp_dtype():
+    """With ``amp_dtype`` the backbone runs under autocast on the device; the features come back float32 either way."""
+    loader, images, _ = _loader()
+    for amp, expected in ((torch.bfloat16, (True, torch.bfloat16)), (None, (False, None))):
+        backbone = _Recording()
+        feats, _ = extract_features(backbone, loader, CPU, amp_dtype=amp)
+        assert backbone.autocast == [expected] * 3, amp
+        assert feats.dtype == torch.float32 and feats.shape == (10, 4)
+    assert not torch.is_autocast_enabled("cpu")
+
+
+class _Stream(io.StringIO):
+    """A stderr stand-in that says whether it is a terminal."""
+
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_on_a_terminal_the_main_process_shows_a_transient_features_bar(monkeypatch):
+    """On a terminal: a ``features`` bar counted in batches, erased when done (no line left behind)."""
+    err = _Stream(tty=True)
+    monkeypatch.setattr(sys, "stderr", err)
+    extract_features(ModeDependent(), _loader()[0], CPU)
+    out = err.getvalue()
+    assert out.startswith("\rfeatures:") and "batch/s" in out
+    assert "\n" not in out and out.split("\r")[-2].strip() == ""  # the last thing drawn is a blank line
+
+
+@pytest.mark.parametrize("tty, main_process", [(False, True), (True, False)])
+def test_no_bar_off_a_terminal_or_on_other_ranks(monkeypatch, tty, main_process):
+    """No progress bar when stderr is not a terminal (logs) nor on ranks other than the main one."""
+    from mobyssl import distributed
+
+    err = _Stream(tty)
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(distributed, "is_main_process", lambda: main_process)
+    feats, _ = extract_features(ModeDependent(), _loader()[0], CPU)
+    assert err.getvalue() == "" and feats.shape == (10, 4)

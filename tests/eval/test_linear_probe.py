@@ -148,3 +148,174 @@ def test_full_probe_lr_is_scaled_by_the_global_batch_and_follows_a_cosine(monkey
             assert value == pytest.approx(expected, rel=1e-12), (i, value, expected)
     assert used[0][0] == pytest.approx(base, rel=1e-12)
     assert used[-1][0] < base * 0.01
+
+
+# --------------------------------------------------------------------------- the full probe's training loop
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """``(x, y, key)`` rows as ``SkipUnreadable`` yields them: a non-empty key marks an unreadable image."""
+
+    def __init__(self, x, y, keys):
+        self.x, self.y, self.keys = x, y, keys
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], self.keys[i]
+
+
+def _recording_sgd(monkeypatch):
+    """Records the arguments ``_sgd`` is given and the optimiser it returns (the head's parameters are its own)."""
+    calls = []
+    original = linear_module._sgd
+
+    def recording(head, lr, momentum, weight_decay):
+        opt = original(head, lr, momentum, weight_decay)
+        calls.append({"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "opt": opt,
+                      "init": [p.detach().clone() for p in head.parameters()]})
+        return opt
+
+    monkeypatch.setattr(linear_module, "_sgd", recording)
+    return calls
+
+
+def test_full_probe_defaults_are_the_configs_linear_defaults(monkeypatch):
+    """Called without hyper-parameters, the full probe uses linear.* defaults: epochs, lr per ref batch, momentum, wd."""
+    from mobyssl.config import LinearConfig
+
+    defaults = LinearConfig()
+    calls = _recording_sgd(monkeypatch)
+    epochs_seen = []
+    x, y = _separable(2, dim=4, classes=2)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    linear_probe_full(FrozenBackbone(4), loader, x, y, num_classes=2, device=CPU,
+                      check_unreadable=lambda failed: epochs_seen.append(len(failed)))
+    assert len(epochs_seen) == defaults.epochs == 100
+    (call,) = calls
+    assert call["lr"] == pytest.approx(defaults.lr * 4 / defaults.lr_ref_batch, rel=1e-12)
+    assert defaults.lr * 4 / defaults.lr_ref_batch == pytest.approx(1.0 * 4 / 512, rel=1e-12)
+    assert call["momentum"] == defaults.momentum == 0.9
+    assert call["weight_decay"] == defaults.weight_decay == 0.0
+
+
+def test_full_probe_lr_follows_the_world_size_and_the_head_is_wrapped_on_its_device(monkeypatch):
+    """Under torchrun the lr scales with the global batch (loader batch x world size); DDP gets the probe's device."""
+    from mobyssl import distributed
+
+    wrapped = []
+    real_wrap = distributed.wrap_ddp
+
+    def recording_wrap(module, device):
+        wrapped.append(device)
+        return real_wrap(module, device)
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "wrap_ddp", recording_wrap)
+    torch.manual_seed(0)
+    _, used, _ = _full_probe(monkeypatch, FrozenBackbone(8), epochs=1, batch=16, lr=0.4, ref=64)
+    assert used[0][0] == pytest.approx(0.4 * 16 * 2 / 64, rel=1e-12)
+    assert wrapped == [CPU]
+
+
+def test_full_probe_sets_the_samplers_epoch_before_each_epoch():
+    """A sampler with ``set_epoch`` (the distributed one) is told each epoch's number, so every epoch reshuffles."""
+
+    class RecordingSampler(torch.utils.data.Sampler):
+        def __init__(self, n):
+            self.n, self.epochs, self.log = n, [], []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+        def __iter__(self):
+            self.log.append(("iter", len(self.epochs)))
+            return iter(range(self.n))
+
+        def __len__(self):
+            return self.n
+
+    x, y = _separable(4, dim=4, classes=2)
+    sampler = RecordingSampler(len(y))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, sampler=sampler)
+    linear_probe_full(FrozenBackbone(4), loader, x, y, num_classes=2, device=CPU, epochs=3, lr=0.1)
+    assert sampler.epochs == [0, 1, 2]
+    assert sampler.log == [("iter", 1), ("iter", 2), ("iter", 3)]  # set before the epoch's first batch
+
+
+def test_full_probe_runs_the_backbone_under_autocast_when_given_an_amp_dtype():
+    """With ``amp_dtype`` the frozen backbone runs under autocast of that dtype on the probe's device; without, not."""
+
+    class AutocastRecorder(FrozenBackbone):
+        def forward(self, x):
+            self.autocast = getattr(self, "autocast", [])
+            on = torch.is_autocast_enabled("cpu")
+            self.autocast.append((on, torch.get_autocast_dtype("cpu") if on else None))
+            return super().forward(x)
+
+    x, y = _separable(4, dim=4, classes=2)
+    for amp, expected in ((torch.bfloat16, (True, torch.bfloat16)), (None, (False, None))):
+        backbone = AutocastRecorder(4)
+        loader = DataLoader(TensorDataset(x, y), batch_size=4)
+        out = linear_probe_full(backbone, loader, x, y, num_classes=2, device=CPU, amp_dtype=amp, epochs=2, lr=0.1)
+        assert backbone.autocast == [expected] * 4, amp  # 2 epochs of 2 batches
+        assert set(out) == {"linear_top1", "linear_top5"}
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_full_probe_learns_from_the_readable_images_of_a_partly_unreadable_batch(monkeypatch):
+    """A batch with some unreadable images still trains the head on the others (placeholders carry IGNORE_LABEL)."""
+    from mobyssl.eval.features import IGNORE_LABEL
+
+    torch.manual_seed(0)
+    x, y = _separable(8, dim=4, classes=3)  # 24 rows, in batches of 8: one unreadable row per batch
+    keys = [""] * len(y)
+    labels = y.clone()
+    for i in (0, 9, 18):
+        keys[i], labels[i] = f"bad{i}.png", IGNORE_LABEL
+        x[i] = 0.0  # the black placeholder
+    loader = DataLoader(_Keyed(x, labels, keys), batch_size=8)
+    calls = _recording_sgd(monkeypatch)
+    seen = []
+    out = linear_probe_full(FrozenBackbone(4), loader, x, y, num_classes=3, device=CPU, epochs=20, lr=2.0,
+                            lr_ref_batch=8, check_unreadable=lambda failed: seen.append(sorted(failed)))
+    assert out["linear_top1"] > 90  # the head learned (a random head scores about a third)
+    weight = calls[0]["opt"].param_groups[0]["params"][0]
+    assert not torch.equal(weight, calls[0]["init"][0])
+    assert seen == [["bad0.png", "bad18.png", "bad9.png"]] * 20
+
+
+def test_full_probe_leaves_the_head_unchanged_on_batches_of_unreadable_images_only(monkeypatch):
+    """A batch with nothing readable makes a zero loss: the head keeps its initial weights and the log says 0."""
+    from mobyssl.eval.features import IGNORE_LABEL
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    loader = DataLoader(_Keyed(x, torch.full((8,), IGNORE_LABEL), [f"{i}.png" for i in range(8)]), batch_size=4)
+    calls = _recording_sgd(monkeypatch)
+    logged = []
+    linear_probe_full(FrozenBackbone(4), loader, x, torch.zeros(8, dtype=torch.long), num_classes=3, device=CPU,
+                      epochs=2, lr=1.0, lr_ref_batch=4, log=logged.append)
+    (call,) = calls
+    params = call["opt"].param_groups[0]["params"]
+    assert len(params) == 2
+    for now, initial in zip(params, call["init"]):
+        assert torch.equal(now, initial)
+    assert [line.split("  ")[:2] for line in logged] == [["linear epoch 1/2", "loss 0.0000"],
+                                                          ["linear epoch 2/2", "loss 0.0000"]]
+
+
+def test_full_probe_logs_each_epochs_loss_and_elapsed_seconds():
+    """The main process logs ``linear epoch i/n  loss L  Ts`` once per epoch, T the seconds since the probe began."""
+    import re
+
+    x, y = _separable(4, dim=4, classes=2)
+    logged = []
+    linear_probe_full(FrozenBackbone(4), DataLoader(TensorDataset(x, y), batch_size=4), x, y, num_classes=2,
+                      device=CPU, epochs=3, lr=0.1, log=logged.append)
+    assert len(logged) == 3
+    for i, line in enumerate(logged, 1):
+        m = re.fullmatch(rf"linear epoch {i}/3  loss (\d+\.\d{{4}})  (\d+)s", line)
+        assert m, line
+        assert 0 <= int(m.group(2)) < 60  # the time elapsed, not a wall-clock timestamp

@@ -1,0 +1,147 @@
+"""A failed checkpoint write is one CheckpointWriteError naming the file, the reason and (disk full) the free space,
+found however deep the OSError sits in the exception chain; other errors stay themselves."""
+
+import contextlib
+import errno
+import io
+import signal
+
+import pytest
+import torch
+
+from mobyssl.train import checkpoint as ckpt_mod
+from mobyssl.train.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
+
+_real_open = open
+_FIX = "; free disk space or choose another location"
+
+
+def _state(step=1):
+    return {"global_step": step, "w": torch.full((1000,), float(step))}
+
+
+def _failing_open(err: OSError):
+    """An ``open`` whose ``.tmp`` files fail every write with ``err`` (a disk that reports it)."""
+
+    class FailingFile(io.FileIO):
+        def write(self, data):
+            raise err
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith(".tmp") and "w" in mode:
+            return FailingFile(file, "w")
+        return _real_open(file, mode, *args, **kwargs)
+
+    return fake_open
+
+
+@contextlib.contextmanager
+def _deadline(seconds=3.0):
+    """Fail (instead of hanging) where the code under test loops for longer than ``seconds``."""
+
+    def on_alarm(signum, frame):
+        pytest.fail(f"did not finish within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _free(monkeypatch, free):
+    monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", lambda p: type("Usage", (), {"free": free})())
+
+
+def test_an_io_error_message_names_file_and_reason_without_a_detail(tmp_path, monkeypatch):
+    """An I/O error (not a full disk) reads exactly "cannot write <file>: <reason>; <fix>", with no empty "()"."""
+    save_checkpoint(_state(1), tmp_path / "c.pth")
+    monkeypatch.setattr(ckpt_mod, "open", _failing_open(OSError(errno.EIO, "Input/output error")), raising=False)
+    with pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(_state(2), tmp_path / "c.pth")
+    assert e.value.errno == errno.EIO and e.value.filename == str(tmp_path / "c.pth")
+    assert str(e.value) == f"cannot write {tmp_path / 'c.pth'}: Input/output error{_FIX}"
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "c.pth")["global_step"] == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("free, shown", [(512, "512 B"), (1536, "1.5 KiB"), (3 * 2**20 + 2**19, "3.5 MiB"),
+                                         (2**30 // 4, "256.0 MiB"), (5 * 2**40, "5120.0 GiB")])
+def test_a_full_disk_message_shows_the_free_space_in_binary_units(tmp_path, monkeypatch, free, shown):
+    """ENOSPC adds "(<free> free in <folder>)" with B / KiB / MiB / GiB units."""
+    monkeypatch.setattr(ckpt_mod, "open", _failing_open(OSError(errno.ENOSPC, "No space left on device")),
+                        raising=False)
+    _free(monkeypatch, free)
+    with pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(_state(), tmp_path / "c.pth")
+    assert str(e.value) == f"cannot write {tmp_path / 'c.pth'}: No space left on device ({shown} free in {tmp_path}){_FIX}"
+
+
+def _raising_save(exc):
+    def save(obj, f, *a, **kw):
+        f.write(b"partial")
+        raise exc
+
+    return save
+
+
+def _wrapped_twice(err: OSError) -> BaseException:
+    """``err`` as the implicit context of a ValueError, itself the implicit context of a RuntimeError (a storage
+    library that wraps I/O errors in its own exceptions)."""
+    try:
+        try:
+            try:
+                raise err
+            except OSError:
+                raise ValueError("stream closed")
+        except ValueError:
+            raise RuntimeError("serializer gave up")
+    except RuntimeError as e:
+        return e
+
+
+def _wrapped_as_cause(err: OSError) -> BaseException:
+    """``err`` only as the explicit ``__cause__`` (no ``__context__``)."""
+    e = RuntimeError("serializer gave up")
+    e.__cause__ = err
+    assert e.__context__ is None
+    return e
+
+
+@pytest.mark.parametrize("make", [_wrapped_twice, _wrapped_as_cause], ids=["context-two-deep", "cause-only"])
+def test_an_oserror_anywhere_in_the_chain_is_a_write_failure(tmp_path, monkeypatch, make):
+    """A non-OSError raised while saving whose chain (cause or context, any depth) holds an OSError is a write failure."""
+    save_checkpoint(_state(1), tmp_path / "c.pth")
+    wrapped = make(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    monkeypatch.setattr(ckpt_mod.torch, "save", _raising_save(wrapped))
+    _free(monkeypatch, 2048)
+    with pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(_state(2), tmp_path / "c.pth")
+    assert e.value.errno == errno.EDQUOT and e.value.original is wrapped and e.value.__cause__ is wrapped
+    assert str(e.value) == f"cannot write {tmp_path / 'c.pth'}: Disk quota exceeded (2.0 KiB free in {tmp_path}){_FIX}"
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "c.pth")["global_step"] == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_cyclic_exception_chain_without_oserror_is_not_a_write_failure(tmp_path, monkeypatch):
+    """An error whose context chain loops (and holds no OSError) is re-raised unchanged, promptly."""
+    a, b = RuntimeError("tensor bug"), ValueError("inner")
+    a.__context__, b.__context__ = b, a
+    monkeypatch.setattr(ckpt_mod.torch, "save", _raising_save(a))
+    with _deadline(), pytest.raises(RuntimeError, match="tensor bug") as e:
+        save_checkpoint(_state(), tmp_path / "c.pth")
+    assert e.value is a and not isinstance(e.value, OSError)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_cyclic_exception_chain_holding_an_oserror_is_a_write_failure(tmp_path, monkeypatch):
+    """A looping chain that reaches an OSError before it loops still yields that OSError's errno."""
+    a, b, c = RuntimeError("outer"), ValueError("inner"), OSError(errno.ENOSPC, "No space left on device")
+    a.__context__, b.__context__, c.__context__ = b, c, a
+    monkeypatch.setattr(ckpt_mod.torch, "save", _raising_save(a))
+    _free(monkeypatch, 0)
+    with _deadline(), pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(_state(), tmp_path / "c.pth")
+    assert e.value.errno == errno.ENOSPC and "(0 B free in" in str(e.value)
