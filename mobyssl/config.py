@@ -44,11 +44,15 @@ SAFE = "safe"                  # how the run is operated, logged or evaluated: c
 SCHEDULE = "schedule"          # the length of the schedules: the rest of the run follows new ones
 TRAJECTORY = "trajectory"      # the optimisation itself: a different run from this step on
 ARCHITECTURE = "architecture"  # the shapes of the weights or buffers: the checkpoint no longer fits
+RESUME_KINDS = (SAFE, SCHEDULE, TRAJECTORY, ARCHITECTURE)
 RESUME_KEY = "on_resume"
 
 
 def opt(default, help: str, *, on_resume: str = TRAJECTORY, **constraints) -> Any:
     """A config field: default, help text (``--help``, docs), constraints and its meaning on resume."""
+    if on_resume not in RESUME_KINDS:
+        # A method's own options use this too: an unknown kind would make resume ignore changes to the field.
+        raise ValueError(f"on_resume={on_resume!r} is not one of {', '.join(RESUME_KINDS)}")
     extra = {RESUME_KEY: on_resume}
     if isinstance(default, (list, dict)):
         return Field(default_factory=lambda d=default: type(d)(d), description=help, json_schema_extra=extra,

@@ -413,3 +413,13 @@ def _default(key):
     from mobyssl.config import iter_field_infos
 
     return {k: v for k, v, _ in iter_field_infos()}[key]
+
+
+def test_a_field_with_an_unknown_resume_kind_is_refused_where_it_is_declared():
+    """``on_resume`` must be one of the four kinds: a typo would make resume silently ignore changes to the field."""
+    from mobyssl.config import RESUME_KINDS, opt
+
+    assert opt(1, "ok", on_resume="safe") is not None
+    for bad in ("Safe", "architectures", ""):
+        with pytest.raises(ValueError, match=f"on_resume={bad!r} is not one of {', '.join(RESUME_KINDS)}"):
+            opt(1, "typo", on_resume=bad)
