@@ -71,3 +71,12 @@ def test_build_adamw_groups_lr_and_betas(monkeypatch, fused_available):
     assert {id(p) for p in no_decay["params"]} == {id(a.bias), id(b[0].bias), id(b[1].weight), id(b[1].bias)}
     for g in opt.param_groups:
         assert g["lr"] == 3e-4 and g["betas"] == (0.9, 0.95)
+
+
+def test_warmup_cosine_defaults_no_warmup_and_warm_up_from_zero():
+    """Without warm-up arguments the schedule starts at ``base``; a warm-up without ``warmup_start`` starts at 0."""
+    plain = warmup_cosine(2.0, 0.5, 4)
+    np.testing.assert_allclose(plain, [0.5 + 0.75 * (1 + math.cos(math.pi * t / 4)) for t in range(4)], rtol=0, atol=0)
+    assert plain[0] == 2.0
+    warm = warmup_cosine(2.0, 0.5, 4, warmup_steps=2)
+    np.testing.assert_array_equal(warm[:2], [0.0, 1.0])
