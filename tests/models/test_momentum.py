@@ -44,3 +44,10 @@ def test_ema_update_with_a_device_flag():
     ema_update(online, target, 0.9, torch.tensor(True))
     for po, pt, new in zip(online.parameters(), t, target.parameters()):
         assert torch.allclose(new, 0.9 * pt + 0.1 * po)
+
+
+def test_cosine_momentum_for_runs_of_zero_and_one_step():
+    """No steps: the base momentum (no division by zero); one step: that step already ends the schedule at 1."""
+    assert cosine_momentum(0, 0, 0.99) == 0.99
+    assert cosine_momentum(0, 1, 0.99) == 0.99
+    assert cosine_momentum(1, 1, 0.99) == 1.0
