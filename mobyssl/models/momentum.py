@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,9 +40,20 @@ def ema_update(online: nn.Module, target: nn.Module, momentum: float, apply: tor
                 torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
             return
         weight = apply.to(t_params[0].dtype) * (1.0 - momentum)
-        try:
+        if lerp_takes_a_tensor_weight():
             torch._foreach_lerp_(t_params, o_params, weight)
-        except (TypeError, RuntimeError):  # older PyTorch: no tensor-weight overload
+        else:
             diff = torch._foreach_sub(o_params, t_params)
             torch._foreach_mul_(diff, weight)
             torch._foreach_add_(t_params, diff)
+
+
+@functools.cache
+def lerp_takes_a_tensor_weight() -> bool:
+    """Whether this PyTorch has ``_foreach_lerp_`` with a tensor weight (asked once, not by catching errors of
+    the real update, which would hide a wrong call behind the fallback)."""
+    try:
+        torch._foreach_lerp_([torch.zeros(1)], [torch.ones(1)], torch.tensor(0.5))
+    except (TypeError, RuntimeError):
+        return False
+    return True
