@@ -1,8 +1,12 @@
 """Helpers shared by several test modules (importable because pytest puts tests/ on sys.path)."""
 
+import contextlib
 import json
+import signal
 import socket
 from pathlib import Path
+
+import pytest
 
 
 def free_port() -> int:
@@ -25,3 +29,19 @@ def metrics_records(run, kind: str = "train") -> list[dict]:
         if record["type"] == kind:
             out.append(record)
     return out
+
+
+@contextlib.contextmanager
+def deadline(seconds: float = 3.0):
+    """Fail (instead of hanging) where the code under test blocks or loops for longer than ``seconds``."""
+
+    def on_alarm(signum, frame):
+        pytest.fail(f"did not finish within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

@@ -1,14 +1,13 @@
 """What an export refuses to write over: a training checkpoint is recognised by content (whatever its name, layout,
 saving device), a run directory by any of its marks; files that are not training checkpoints stay replaceable."""
 
-import contextlib
 import os
-import signal
 import zipfile
 
 import pytest
 import torch
 import torch.serialization
+from helpers import deadline
 
 from mobyssl.errors import RunDirError
 from mobyssl.train.checkpoint import (
@@ -17,7 +16,6 @@ from mobyssl.train.checkpoint import (
     save_checkpoint,
     save_export,
     step_name,
-    write_run_checkpoint,
 )
 from mobyssl.train.rundir import LOCK_NAME
 
@@ -28,22 +26,6 @@ def _train_state(step=1, numel=3):
 
 def _bb():
     return {"w": torch.ones(3)}
-
-
-@contextlib.contextmanager
-def _deadline(seconds=3.0):
-    """Fail (instead of hanging) where the code under test blocks or loops for longer than ``seconds``."""
-
-    def on_alarm(signum, frame):
-        pytest.fail(f"did not finish within {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # ---------------------------------------------------------------- training checkpoints by content
@@ -131,7 +113,7 @@ def test_the_export_check_does_not_open_a_named_pipe(tmp_path):
     """An existing named pipe at the destination is refused as an existing file without being opened (no hang)."""
     fifo = tmp_path / "bb.pth"
     os.mkfifo(fifo)
-    with _deadline(), pytest.raises(RunDirError) as e:
+    with deadline(), pytest.raises(RunDirError) as e:
         check_export_target(fifo)
     assert str(e.value) == f"--output {fifo} already exists; pass --overwrite to replace it, or choose another --output."
 
@@ -172,17 +154,6 @@ def test_a_checkpoint_like_name_in_a_plain_folder_is_allowed(tmp_path):
 
 
 # ---------------------------------------------------------------- links at the destination
-
-
-@pytest.fixture
-def run(tmp_path):
-    """A run directory (lock marker, two step checkpoints, checkpoint.pth)."""
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / LOCK_NAME).write_text("{}")
-    for step in (1, 2):
-        write_run_checkpoint(_train_state(step), out, step, keep_last=2)
-    return out
 
 
 def test_a_link_to_a_training_checkpoint_is_refused_naming_its_target(run, tmp_path):

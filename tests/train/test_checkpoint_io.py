@@ -23,7 +23,6 @@ from mobyssl.train.checkpoint import (
     step_checkpoints,
     write_run_checkpoint,
 )
-from mobyssl.train.rundir import LOCK_NAME
 from mobyssl.train.trainer import pretrain
 
 _real_open = open
@@ -239,18 +238,6 @@ def test_rotation_and_epoch_copy_failures_are_reported_and_the_checkpoint_stands
 
 
 # ---------------------------------------------------------------- exports
-
-
-@pytest.fixture
-def run(tmp_path):
-    """A run directory with two step checkpoints and the lock marker; returns it."""
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / LOCK_NAME).write_text("{}")
-    for step in (1, 2):
-        write_run_checkpoint({"method": {"encoder.w": torch.ones(3) * step}, "optimizer": {}, "global_step": step},
-                             out, step, keep_last=2)
-    return out
 
 
 def _bb():

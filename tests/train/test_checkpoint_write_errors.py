@@ -1,13 +1,12 @@
 """A failed checkpoint write is one CheckpointWriteError naming the file, the reason and (disk full) the free space,
 found however deep the OSError sits in the exception chain; other errors stay themselves."""
 
-import contextlib
 import errno
 import io
-import signal
 
 import pytest
 import torch
+from helpers import deadline
 
 from mobyssl.train import checkpoint as ckpt_mod
 from mobyssl.train.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
@@ -33,22 +32,6 @@ def _failing_open(err: OSError):
         return _real_open(file, mode, *args, **kwargs)
 
     return fake_open
-
-
-@contextlib.contextmanager
-def _deadline(seconds=3.0):
-    """Fail (instead of hanging) where the code under test loops for longer than ``seconds``."""
-
-    def on_alarm(signum, frame):
-        pytest.fail(f"did not finish within {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _free(monkeypatch, free):
@@ -130,7 +113,7 @@ def test_a_cyclic_exception_chain_without_oserror_is_not_a_write_failure(tmp_pat
     a, b = RuntimeError("tensor bug"), ValueError("inner")
     a.__context__, b.__context__ = b, a
     monkeypatch.setattr(ckpt_mod.torch, "save", _raising_save(a))
-    with _deadline(), pytest.raises(RuntimeError, match="tensor bug") as e:
+    with deadline(), pytest.raises(RuntimeError, match="tensor bug") as e:
         save_checkpoint(_state(), tmp_path / "c.pth")
     assert e.value is a and not isinstance(e.value, OSError)
     assert not list(tmp_path.iterdir())
@@ -142,6 +125,6 @@ def test_a_cyclic_exception_chain_holding_an_oserror_is_a_write_failure(tmp_path
     a.__context__, b.__context__, c.__context__ = b, c, a
     monkeypatch.setattr(ckpt_mod.torch, "save", _raising_save(a))
     _free(monkeypatch, 0)
-    with _deadline(), pytest.raises(CheckpointWriteError) as e:
+    with deadline(), pytest.raises(CheckpointWriteError) as e:
         save_checkpoint(_state(), tmp_path / "c.pth")
     assert e.value.errno == errno.ENOSPC and "(0 B free in" in str(e.value)
