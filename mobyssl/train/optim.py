@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -37,8 +38,16 @@ def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int
 def build_adamw(modules: list[nn.Module], lr: float, weight_decay: float, betas, device: torch.device):
     """AdamW, fused where PyTorch has a fused kernel (CUDA; CPU from 2.4): one kernel per step, and a
     non-finite step is skipped on the device (GradScaler's ``found_inf``) without a host synchronisation."""
-    groups = param_groups(modules, weight_decay)
+    fused = {"fused": True} if fused_adamw_on(torch.device(device).type) else {}
+    return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, betas=tuple(betas), **fused)
+
+
+@functools.cache
+def fused_adamw_on(device_type: str) -> bool:
+    """Whether this PyTorch has a fused AdamW for ``device_type`` (asked once on a probe tensor, rather than by
+    catching errors of the real construction, which would hide a wrong call behind the fallback)."""
     try:
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
+        torch.optim.AdamW([torch.zeros(1, device=device_type, requires_grad=True)], fused=True)
     except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, betas=tuple(betas))
+        return False
+    return True

@@ -232,3 +232,38 @@ def test_registry():
     assert get_method("moby") is MoBY
     with pytest.raises(ValueError, match="moby"):
         get_method("mobi")
+
+
+def test_from_config_wires_every_option_into_the_method(tiny_cfg):
+    """Every method.* and model.* value reaches MoBY (non-default values, so a dropped argument cannot pass)."""
+    cfg = tiny_cfg("model.drop_path_rate=0.15", "model.target_drop_path_rate=0.05", "method.proj_hidden_dim=40",
+                   "method.proj_dim=24", "method.pred_hidden_dim=36", "method.queue_size=96",
+                   "method.temperature=0.3", "method.momentum=0.95")
+    rates = []
+
+    def backbone_fn(rate):
+        rates.append(rate)
+        return _vit(rate)
+
+    m = MoBY.from_config(cfg, backbone_fn)
+    assert rates == [0.15, 0.05]  # online encoder, then target encoder
+    assert m.base_momentum == 0.95 and m.criterion.temperature == 0.3
+    assert m.criterion.queue_1.queue.shape == m.criterion.queue_2.queue.shape == (96, 24)
+    linears = lambda head: [layer for layer in head.modules() if isinstance(layer, nn.Linear)]  # noqa: E731
+    assert [(lin.in_features, lin.out_features) for lin in linears(m.projector)] == [(m.encoder.num_features, 40),
+                                                                                     (40, 24)]
+    assert [(lin.in_features, lin.out_features) for lin in linears(m.predictor)] == [(24, 36), (36, 24)]
+
+
+def test_train_transform_normalises_with_the_configured_statistics(tiny_cfg):
+    """data.normalization reaches both views' Normalize (not the ImageNet default)."""
+    from torchvision import transforms as T
+
+    from mobyssl.data.transforms import NORMALIZATION
+
+    cfg = tiny_cfg("data.normalization=cifar10")
+    views = MoBY.train_transform(cfg)
+    normalizers = [t for view in views.transforms for t in view.transforms if isinstance(t, T.Normalize)]
+    mean, std = NORMALIZATION["cifar10"]
+    assert len(normalizers) == 2 and mean != NORMALIZATION["imagenet"][0]
+    assert all(list(n.mean) == list(mean) and list(n.std) == list(std) for n in normalizers)

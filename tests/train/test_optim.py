@@ -53,15 +53,11 @@ def test_warmup_longer_than_the_run_and_no_warmup():
 
 @pytest.mark.parametrize("fused_available", [True, False])
 def test_build_adamw_groups_lr_and_betas(monkeypatch, fused_available):
-    if not fused_available:  # the fallback where PyTorch has no fused kernel for the device
-        original = torch.optim.AdamW
+    """Decay and no-decay groups, lr and betas, with the fused kernel and without (PyTorch lacking one)."""
+    from mobyssl.train import optim
 
-        def no_fused(*args, fused=None, **kwargs):
-            if fused:
-                raise RuntimeError("fused not supported")
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    asked = []
+    monkeypatch.setattr(optim, "fused_adamw_on", lambda device_type: asked.append(device_type) or fused_available)
     a, b = nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2))
     opt = build_adamw([a, b], 3e-4, 0.05, [0.9, 0.95], torch.device("cpu"))
     assert isinstance(opt, torch.optim.Optimizer) and "AdamW" in type(opt).__name__
@@ -71,6 +67,14 @@ def test_build_adamw_groups_lr_and_betas(monkeypatch, fused_available):
     assert {id(p) for p in no_decay["params"]} == {id(a.bias), id(b[0].bias), id(b[1].weight), id(b[1].bias)}
     for g in opt.param_groups:
         assert g["lr"] == 3e-4 and g["betas"] == (0.9, 0.95)
+    assert opt.defaults["fused"] is (True if fused_available else None) and asked == ["cpu"]
+
+
+def test_fused_adamw_is_found_on_this_cpu():
+    """PyTorch 2.4 and later have a fused AdamW on the CPU: the training path uses it."""
+    from mobyssl.train.optim import fused_adamw_on
+
+    assert fused_adamw_on("cpu")
 
 
 def test_warmup_cosine_defaults_no_warmup_and_warm_up_from_zero():
