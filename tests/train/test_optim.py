@@ -84,3 +84,18 @@ def test_warmup_cosine_defaults_no_warmup_and_warm_up_from_zero():
     assert plain[0] == 2.0
     warm = warmup_cosine(2.0, 0.5, 4, warmup_steps=2)
     np.testing.assert_array_equal(warm[:2], [0.0, 1.0])
+
+
+def test_a_bias_is_never_decayed_whatever_its_shape():
+    """A parameter named ``*.bias`` goes to the no-decay group even when it is not 1-D (e.g. a per-head bias)."""
+
+    class PerHeadBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 4)
+            self.proj.bias = nn.Parameter(torch.zeros(2, 2))  # 2-D bias, not used in a forward here
+
+    m = PerHeadBias()
+    decay, no_decay = param_groups([m], 0.05)
+    assert [id(p) for p in decay["params"]] == [id(m.proj.weight)]
+    assert [id(p) for p in no_decay["params"]] == [id(m.proj.bias)]
