@@ -80,3 +80,26 @@ def test_deferred_keys_with_a_nan_micro_batch_are_refused_together():
     crit.flush()
     assert torch.equal(crit.queue_1.queue, q1_before) and int(crit.queue_1.ptr) == 8
     assert torch.allclose(crit.queue_2.queue[:8], F.normalize(torch.cat(t2), dim=1)) and int(crit.queue_2.ptr) == 8
+
+
+def test_enqueue_stores_keys_in_the_queues_dtype():
+    """Keys of another precision (bf16 from autocast into a float32 queue, or float32 into a queue cast to bf16)
+    are converted to the queue's dtype and written in FIFO order."""
+    for queue_dtype, key_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        q = FeatureQueue(4, 8).to(queue_dtype)
+        keys = F.normalize(torch.randn(4, 4), dim=1).to(key_dtype)
+        q.enqueue(keys)
+        assert q.queue.dtype == queue_dtype
+        assert torch.equal(q.queue[:4], keys.to(queue_dtype)) and int(q.ptr) == 4
+
+
+def test_enqueue_refuses_a_batch_that_does_not_tile_the_queue():
+    """A batch size that does not divide the queue (remainder 1 or more) is a ConfigError naming both sizes."""
+    from mobyssl.errors import ConfigError
+
+    for size, batch in ((16, 5), (16, 6)):
+        q = FeatureQueue(4, size)
+        with pytest.raises(ConfigError, match=f"method.queue_size={size} is not a multiple of the global batch size "
+                                              f"{batch}"):
+            q.enqueue(torch.randn(batch, 4))
+    FeatureQueue(4, 16).enqueue(torch.randn(8, 4))  # a divisor is fine
