@@ -151,3 +151,16 @@ def test_similarities_to_the_queue_stay_float32_under_bf16_autocast():
     for k in ref:
         assert out[k].dtype == torch.float32, k
         assert abs(out[k].item() - ref[k].item()) < 1e-6 * max(1.0, abs(ref[k].item())), k
+
+
+def test_bf16_predictions_and_targets_are_computed_in_float32():
+    """Network outputs in bf16 (as autocast produces them) are taken to float32 first: the result equals the float32
+    computation on the same (bf16-rounded) values, and is float32."""
+    torch.manual_seed(0)
+    crit = MoBYLoss(dim=64, queue_size=256, temperature=0.2).eval()
+    inputs = [torch.randn(16, 64).to(torch.bfloat16) for _ in range(4)]
+    ref = crit(*[x.float() for x in inputs])
+    out = crit(*inputs)
+    for k in ref:
+        assert out[k].dtype == torch.float32, k
+        assert abs(out[k].item() - ref[k].item()) < 1e-6 * max(1.0, abs(ref[k].item())), k
