@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from mobyssl.config import load_config
+from mobyssl.train.checkpoint import write_run_checkpoint
+from mobyssl.train.rundir import LOCK_NAME
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -62,3 +64,15 @@ def _fastest_first_under_mutmut(items):
     except (OSError, ValueError, KeyError):
         return
     items.sort(key=lambda item: duration.get(item.nodeid, 0.0))
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A run directory with two step checkpoints and the lock marker; returns it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("{}")
+    for step in (1, 2):
+        write_run_checkpoint({"method": {"encoder.w": torch.ones(3) * step}, "optimizer": {}, "global_step": step},
+                             out, step, keep_last=2)
+    return out
