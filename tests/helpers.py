@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def free_port() -> int:
@@ -45,3 +46,28 @@ def deadline(seconds: float = 3.0):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+class KeyedRows(torch.utils.data.Dataset):
+    """``(x, y, key)`` rows as ``SkipUnreadable`` yields them: a non-empty key marks an unreadable image."""
+
+    def __init__(self, x, y, keys):
+        self.x, self.y, self.keys = x, y, keys
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], self.keys[i]
+
+
+def record_step_lrs(opt, used: list):
+    """Make ``opt.step()`` first append the lr of every param group to ``used``; returns ``opt``."""
+    step = opt.step
+
+    def recorded(*args, **kwargs):
+        used.append([g["lr"] for g in opt.param_groups])
+        return step(*args, **kwargs)
+
+    opt.step = recorded
+    return opt

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from helpers import KeyedRows
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -101,19 +102,6 @@ def test_vit_with_drop_path_gives_deterministic_eval_mode_features():
 # --------------------------------------------------------------------------- unreadable images, amp, progress bar
 
 
-class _Keyed(torch.utils.data.Dataset):
-    """``(image, label, key)`` rows as ``SkipUnreadable`` yields them: a non-empty key marks an unreadable image."""
-
-    def __init__(self, images, labels, keys):
-        self.images, self.labels, self.keys = images, labels, keys
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i], self.keys[i]
-
-
 class _Recording(ModeDependent):
     """Records the images each forward sees and whether autocast (and which dtype) was on."""
 
@@ -138,7 +126,7 @@ def _keyed_loader():
         keys[i] = f"bad{i}.png"
         labels[i] = -100
         images[i] = 0.0  # the black placeholder
-    return DataLoader(_Keyed(images, labels, keys), batch_size=4), images, labels
+    return DataLoader(KeyedRows(images, labels, keys), batch_size=4), images, labels
 
 
 @pytest.mark.parametrize("collect", [True, False])
@@ -163,7 +151,7 @@ def test_unreadable_images_are_left_out_and_their_keys_collected(collect):
 def test_a_loader_of_unreadable_images_only_gives_empty_features(backbone, dim):
     """Nothing readable: ``(0, num_features)`` float32 features (``num_features`` 0 if unknown) and ``(0,)`` int64."""
     images = torch.zeros(4, 3, 4, 4)
-    loader = DataLoader(_Keyed(images, torch.full((4,), -100), ["a", "b", "c", "d"]), batch_size=2)
+    loader = DataLoader(KeyedRows(images, torch.full((4,), -100), ["a", "b", "c", "d"]), batch_size=2)
     failed = []
     feats, ys = extract_features(backbone, loader, CPU, failed=failed)
     assert feats.shape == (0, dim) and feats.dtype == torch.float32

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import KeyedRows, record_step_lrs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -84,18 +85,7 @@ def _full_probe(monkeypatch, backbone, epochs=4, batch=16, lr=0.4, ref=64, n=40)
     used = []  # the lr of every param group at each optimizer step
     original = linear_module._sgd
 
-    def recording_sgd(*args, **kwargs):
-        opt = original(*args, **kwargs)
-        step = opt.step
-
-        def recorded(*a, **k):
-            used.append([g["lr"] for g in opt.param_groups])
-            return step(*a, **k)
-
-        opt.step = recorded
-        return opt
-
-    monkeypatch.setattr(linear_module, "_sgd", recording_sgd)
+    monkeypatch.setattr(linear_module, "_sgd", lambda *a, **k: record_step_lrs(original(*a, **k), used))
     with torch.no_grad():  # the precomputed test features, as the runner computes them (eval mode)
         test_feats = backbone.eval()(xte)
     backbone.modes.clear()
@@ -151,19 +141,6 @@ def test_full_probe_lr_is_scaled_by_the_global_batch_and_follows_a_cosine(monkey
 
 
 # --------------------------------------------------------------------------- the full probe's training loop
-
-
-class _Keyed(torch.utils.data.Dataset):
-    """``(x, y, key)`` rows as ``SkipUnreadable`` yields them: a non-empty key marks an unreadable image."""
-
-    def __init__(self, x, y, keys):
-        self.x, self.y, self.keys = x, y, keys
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i], self.keys[i]
 
 
 def _recording_sgd(monkeypatch):
@@ -275,7 +252,7 @@ def test_full_probe_learns_from_the_readable_images_of_a_partly_unreadable_batch
     for i in (0, 9, 18):
         keys[i], labels[i] = f"bad{i}.png", IGNORE_LABEL
         x[i] = 0.0  # the black placeholder
-    loader = DataLoader(_Keyed(x, labels, keys), batch_size=8)
+    loader = DataLoader(KeyedRows(x, labels, keys), batch_size=8)
     calls = _recording_sgd(monkeypatch)
     seen = []
     out = linear_probe_full(FrozenBackbone(4), loader, x, y, num_classes=3, device=CPU, epochs=20, lr=2.0,
@@ -292,7 +269,7 @@ def test_full_probe_leaves_the_head_unchanged_on_batches_of_unreadable_images_on
 
     torch.manual_seed(0)
     x = torch.randn(8, 4)
-    loader = DataLoader(_Keyed(x, torch.full((8,), IGNORE_LABEL), [f"{i}.png" for i in range(8)]), batch_size=4)
+    loader = DataLoader(KeyedRows(x, torch.full((8,), IGNORE_LABEL), [f"{i}.png" for i in range(8)]), batch_size=4)
     calls = _recording_sgd(monkeypatch)
     logged = []
     linear_probe_full(FrozenBackbone(4), loader, x, torch.zeros(8, dtype=torch.long), num_classes=3, device=CPU,

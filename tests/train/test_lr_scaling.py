@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import metrics_records
+from helpers import metrics_records, record_step_lrs
 
 from mobyssl.data.datasets import open_dataset
 from mobyssl.train import trainer
@@ -80,18 +80,7 @@ def test_optimizer_and_logged_lr_follow_the_scaled_schedule(tiny_cfg, tmp_path, 
     used = []  # per optimizer step: the lr of every param group when optimizer.step() runs
     original = trainer.build_adamw
 
-    def recording_adamw(*args, **kwargs):
-        opt = original(*args, **kwargs)
-        step = opt.step
-
-        def recorded_step(*a, **k):
-            used.append([g["lr"] for g in opt.param_groups])
-            return step(*a, **k)
-
-        opt.step = recorded_step
-        return opt
-
-    monkeypatch.setattr(trainer, "build_adamw", recording_adamw)
+    monkeypatch.setattr(trainer, "build_adamw", lambda *a, **k: record_step_lrs(original(*a, **k), used))
     assert pretrain(cfg)["global_step"] == 2 * spe
 
     total = 2 * spe
