@@ -6,8 +6,10 @@ import signal
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 
 def free_port() -> int:
@@ -71,3 +73,16 @@ def record_step_lrs(opt, used: list):
 
     opt.step = recorded
     return opt
+
+
+def tinted_split(root: Path, per_class: int, seed: int, bad: tuple[str, ...] = ()) -> Path:
+    """Classes a, b, c of ``per_class`` 8x8 images (class-tinted noise), plus corrupt files ``bad``."""
+    rng = np.random.default_rng(seed)
+    for c, tint in zip("abc", ((200, 20, 20), (20, 200, 20), (20, 20, 200))):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            noise = rng.integers(0, 56, (8, 8, 3))
+            Image.fromarray((noise + np.array(tint)).astype(np.uint8)).save(root / c / f"{i}.png")
+    for name in bad:
+        (root / name).write_bytes(b"\x89PNG\r\n\x1a\n but cut short")
+    return root

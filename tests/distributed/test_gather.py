@@ -13,10 +13,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mobyssl import distributed as D
+from mobyssl.data import DataError
 
 WORLD = 2
 CASES = {"3-2": (3, 2), "2-3": (2, 3), "0-2": (0, 2), "3-0": (3, 0), "1-1": (1, 1)}
 SPLITS = {"bank": 11, "test": 7, "tiny": 1}  # odd sizes; 1 leaves rank 1 without images
+UNREADABLE = {"bank": (4, 7), "test": (), "tiny": ()}  # one on each rank: both must be counted and left out
 
 
 def _rows(rank: int, n: int, dtype=torch.float32) -> torch.Tensor:
@@ -26,7 +28,7 @@ def _rows(rank: int, n: int, dtype=torch.float32) -> torch.Tensor:
 
 
 class Images(Dataset):
-    """``n`` deterministic 3x8x8 images with labels 1, 2, 0, 1, ... of 3 classes."""
+    """``n`` deterministic 3x8x8 images with labels 1, 2, 0, 1, ... of 3 classes; ``UNREADABLE[name]`` fail."""
 
     classes = ["a", "b", "c"]
 
@@ -39,7 +41,13 @@ class Images(Dataset):
     def __len__(self):
         return len(self.labels)
 
+    @staticmethod
+    def transform(image):  # what turns SkipUnreadable's placeholder image into one of this set's shape
+        return torch.zeros(3, 8, 8)
+
     def __getitem__(self, i):
+        if i in UNREADABLE[self.key]:
+            raise DataError(f"cannot read image {self.keys[i]!r}")
         return self.images[i], self.labels[i]
 
 
@@ -53,7 +61,8 @@ def _backbone():
 def _cfg():
     from mobyssl.config import load_config
 
-    return load_config("quickstart", ["data.num_workers=0", "knn.batch_size=2", "knn.k=[1,3,20]"])
+    return load_config("quickstart", ["data.num_workers=0", "knn.batch_size=2", "knn.k=[1,3,20]",
+                                        "data.max_bad_fraction=0.5"])
 
 
 def _evaluate():
@@ -63,8 +72,9 @@ def _evaluate():
     splits = {name: Images(n, seed, name) for seed, (name, n) in enumerate(SPLITS.items())}
     out = {"knn": run_knn(cfg, backbone, torch.device("cpu"), datasets=(splits["bank"], splits["test"])),
            "knn_tiny": run_knn(cfg, backbone, torch.device("cpu"), datasets=(splits["bank"], splits["tiny"]))}
+    out["skipped"] = {}
     for name, ds in splits.items():
-        (feats, labels), = _features(cfg, backbone, torch.device("cpu"), None, (ds,))
+        (feats, labels), = _features(cfg, backbone, torch.device("cpu"), None, (ds,), out["skipped"])
         out[name] = (feats, labels)
     return out
 
@@ -104,14 +114,18 @@ def test_gather_variable_and_sharded_evaluation(tmp_path):
         assert torch.equal(got["labels"], torch.tensor([0, 1, 2, 10, 11]))
 
     for name, n in SPLITS.items():
-        # Rank r embeds images r, r + 2, ...; gathered in rank order, each image once, with its own label.
-        order = [i for r in range(WORLD) for i in range(r, n, WORLD)]
+        # Rank r embeds images r, r + 2, ...; gathered in rank order, each readable image once, with its label.
+        readable = [i for i in range(n) if i not in UNREADABLE[name]]
+        row = {i: j for j, i in enumerate(readable)}  # row of image i in one process's features
+        order = [row[i] for r in range(WORLD) for i in range(r, n, WORLD) if i in row]
         feats_1, labels_1 = single[name]
-        assert feats_1.shape == (n, 6)
+        assert feats_1.shape == (len(readable), 6)
         for got in results:
             feats, labels = got["eval"][name]
-            assert feats.shape == (n, 6) and labels.shape == (n,), name
+            assert feats.shape == (len(readable), 6) and labels.shape == (len(readable),), name
             assert torch.equal(labels, labels_1[order]), name
             assert torch.allclose(feats, feats_1[order], atol=1e-6, rtol=0), name
     for key in ("knn", "knn_tiny"):
         assert results[0]["eval"][key] == single[key], key
+    for got in [single] + [r["eval"] for r in results]:  # each rank counts the other's unreadable image too
+        assert got["skipped"] == {"bank": 2, "test": 0, "tiny": 0}

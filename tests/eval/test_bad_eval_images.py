@@ -5,12 +5,11 @@ linear probes."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import tinted_split
 from torch import nn
 
 from mobyssl.build import build_backbone, build_eval_datasets, make_loader
@@ -25,23 +24,10 @@ from mobyssl.train.trainer import pretrain
 CPU = torch.device("cpu")
 
 
-def _split(root: Path, per_class: int, seed: int, bad: tuple[str, ...] = ()) -> Path:
-    """Classes a, b, c of ``per_class`` 8x8 images (class-tinted noise), plus corrupt files ``bad``."""
-    rng = np.random.default_rng(seed)
-    for c, tint in zip("abc", ((200, 20, 20), (20, 200, 20), (20, 20, 200))):
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            noise = rng.integers(0, 56, (8, 8, 3))
-            Image.fromarray((noise + np.array(tint)).astype(np.uint8)).save(root / c / f"{i}.png")
-    for name in bad:
-        (root / name).write_bytes(b"\x89PNG\r\n\x1a\n but cut short")
-    return root
-
-
 @pytest.fixture
 def splits(tmp_path):
-    bank = _split(tmp_path / "bank", 8, 0)
-    test = _split(tmp_path / "test", 5, 1, bad=("a/bad.png",))
+    bank = tinted_split(tmp_path / "bank", 8, 0)
+    test = tinted_split(tmp_path / "test", 5, 1, bad=("a/bad.png",))
     return bank, test
 
 
@@ -56,8 +42,8 @@ def test_pretrain_knn_leaves_a_corrupt_test_image_out(tiny_cfg, splits, capfd):
 
 
 def test_pretrain_knn_stops_past_max_bad_fraction(tiny_cfg, tmp_path):
-    bank = _split(tmp_path / "bank", 8, 0)
-    test = _split(tmp_path / "test", 5, 1, bad=("a/bad1.png", "b/bad2.png"))
+    bank = tinted_split(tmp_path / "bank", 8, 0)
+    test = tinted_split(tmp_path / "test", 5, 1, bad=("a/bad1.png", "b/bad2.png"))
     cfg = tiny_cfg(f"data.eval_train={bank}", f"data.test={test}", "train.max_steps=1", "data.max_bad_fraction=0.1")
     with pytest.raises(DataError, match=r"data.test=.*2 of 17 images could not be read \(11\.8% > "
                                         r"data.max_bad_fraction=0\.1\): a/bad1.png, b/bad2.png"):
@@ -72,8 +58,8 @@ def _cfg(tmp_path, *overrides):
 
 @pytest.mark.parametrize("where", ["test", "bank"])
 def test_knn_with_an_unreadable_image_equals_knn_without_the_file(tmp_path, where, capfd):
-    bank = _split(tmp_path / "bank", 8, 0, bad=("b/bad.png",) if where == "bank" else ())
-    test = _split(tmp_path / "test", 5, 1, bad=("a/bad.png",) if where == "test" else ())
+    bank = tinted_split(tmp_path / "bank", 8, 0, bad=("b/bad.png",) if where == "bank" else ())
+    test = tinted_split(tmp_path / "test", 5, 1, bad=("a/bad.png",) if where == "test" else ())
     clean = tmp_path / "clean"
     shutil.copytree(bank if where == "bank" else test, clean)
     next(clean.glob("*/bad.png")).unlink()
@@ -97,7 +83,7 @@ def test_knn_with_an_unreadable_image_equals_knn_without_the_file(tmp_path, wher
 
 def test_features_of_clean_data_are_unchanged_and_bad_rows_dropped(tmp_path):
     num_workers = 0
-    test = _split(tmp_path / "test", 5, 1, bad=("a/bad.png",))
+    test = tinted_split(tmp_path / "test", 5, 1, bad=("a/bad.png",))
     cfg = _cfg(tmp_path, f"data.eval_train={test}", f"data.test={test}")
     ds = build_eval_datasets(cfg)[1]
     torch.manual_seed(0)
@@ -130,8 +116,8 @@ def _run(capfd, *argv):
 @pytest.mark.parametrize("command", [["knn", "data.num_workers=1"], ["linear", "linear.mode=fast", "linear.epochs=2"],
                                      ["linear", "linear.epochs=1", "linear.batch_size=8"]])
 def test_cli_evaluations_leave_unreadable_images_out(tmp_path, tiny_overrides, capfd, command):
-    bank = _split(tmp_path / "bank", 8, 0, bad=("c/bank_bad.png",))
-    test = _split(tmp_path / "test", 5, 1, bad=("a/bad.png",))
+    bank = tinted_split(tmp_path / "bank", 8, 0, bad=("c/bank_bad.png",))
+    test = tinted_split(tmp_path / "test", 5, 1, bad=("a/bad.png",))
     code, out, err = _run(capfd, command[0], "--config", "quickstart", "--random-init", *tiny_overrides,
                           f"data.eval_train={bank}", f"data.test={test}", f"output_dir={tmp_path / 'run'}",
                           "data.max_bad_fraction=0.1", *command[1:])
@@ -146,8 +132,8 @@ def test_cli_evaluations_leave_unreadable_images_out(tmp_path, tiny_overrides, c
 @pytest.mark.parametrize("command", [["knn"], ["linear", "linear.mode=fast", "linear.epochs=2"],
                                      ["linear", "linear.epochs=1", "linear.batch_size=8"]])
 def test_cli_evaluations_stop_past_max_bad_fraction(tmp_path, tiny_overrides, capfd, command):
-    bank = _split(tmp_path / "bank", 8, 0, bad=("c/bank_bad1.png", "c/bank_bad2.png", "a/bank_bad3.png"))
-    test = _split(tmp_path / "test", 5, 1)
+    bank = tinted_split(tmp_path / "bank", 8, 0, bad=("c/bank_bad1.png", "c/bank_bad2.png", "a/bank_bad3.png"))
+    test = tinted_split(tmp_path / "test", 5, 1)
     code, _, err = _run(capfd, command[0], "--config", "quickstart", "--random-init", *tiny_overrides,
                         f"data.eval_train={bank}", f"data.test={test}", "data.max_bad_fraction=0.1",
                         f"output_dir={tmp_path / 'run'}", *command[1:])
@@ -188,8 +174,8 @@ def test_torchrun_knn_and_linear_leave_the_same_images_out(tmp_path, tiny_overri
     import subprocess
     import sys
 
-    bank = _split(tmp_path / "bank", 8, 0, bad=("c/bank_bad.png",))
-    test = _split(tmp_path / "test", 5, 1, bad=("a/bad.png", "b/bad.png"))
+    bank = tinted_split(tmp_path / "bank", 8, 0, bad=("c/bank_bad.png",))
+    test = tinted_split(tmp_path / "test", 5, 1, bad=("a/bad.png", "b/bad.png"))
     args = ["--config", "quickstart", "--random-init", *tiny_overrides, f"data.eval_train={bank}",
             f"data.test={test}", "data.max_bad_fraction=0.2", f"output_dir={tmp_path / 'run'}"]
     assert main(["knn", *args, "--output", str(tmp_path / "one.json")]) == 0
