@@ -164,3 +164,10 @@ def test_bf16_predictions_and_targets_are_computed_in_float32():
     for k in ref:
         assert out[k].dtype == torch.float32, k
         assert abs(out[k].item() - ref[k].item()) < 1e-6 * max(1.0, abs(ref[k].item())), k
+
+
+def test_defaults_are_the_papers():
+    """Used without arguments, the loss is MoBY's: two queues of 4096 keys of width 256, temperature 0.2."""
+    loss = MoBYLoss()
+    assert loss.queue_1.queue.shape == loss.queue_2.queue.shape == (4096, 256)
+    assert loss.temperature == 0.2

@@ -54,6 +54,19 @@ def test_heads_have_the_paper_shape():
     assert m.criterion.queue_1.queue.shape == (4096, 256)
 
 
+def test_constructor_defaults_are_the_papers():
+    """Drop path 0.2 online and 0 in the target, InfoNCE temperature 0.2, base momentum 0.99."""
+    rates = []
+
+    def backbone(dpr):
+        rates.append(dpr)
+        return create_backbone("vit_nano_patch4_32", drop_path_rate=dpr, depth=1)
+
+    m = MoBY(backbone, proj_hidden_dim=8, proj_dim=8, pred_hidden_dim=8, queue_size=8)
+    assert rates == [0.2, 0.0]  # online first, then the target
+    assert m.criterion.temperature == 0.2 and m.base_momentum == 0.99
+
+
 def _random_bn_stats(monkeypatch):
     """Every BatchNorm built from here on starts with its own random statistics (not 0 / 1 / 0)."""
     def reset_running_stats(self):
