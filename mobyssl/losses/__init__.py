@@ -1,6 +1,7 @@
 """Losses; each owns its buffers so they checkpoint with ``state_dict``."""
 
+from .dino_loss import DenseOutputs, DINOLoss, EsViTLoss
 from .moby_loss import MoBYLoss, info_nce
 from .queue import FeatureQueue
 
-__all__ = ["FeatureQueue", "MoBYLoss", "info_nce"]
+__all__ = ["DenseOutputs", "DINOLoss", "EsViTLoss", "FeatureQueue", "MoBYLoss", "info_nce"]

@@ -10,7 +10,7 @@ from .backbones import (
     feature_dim,
     tokens_and_pooled,
 )
-from .heads import MLPHead
+from .heads import DINOHead, MLPHead
 
 __all__ = ["ALIASES", "PRESETS", "BackboneError", "TokenBatchNorm", "available_backbones",
-           "create_backbone", "feature_dim", "tokens_and_pooled", "MLPHead"]
+           "create_backbone", "feature_dim", "tokens_and_pooled", "DINOHead", "MLPHead"]

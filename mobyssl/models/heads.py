@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 
 class MLPHead(nn.Module):
@@ -23,3 +25,43 @@ class MLPHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head: an MLP to a bottleneck, L2 normalisation, then a weight-normalised linear layer.
+
+    ``Linear(in, hidden) [BN] GELU ... Linear(hidden, bottleneck)`` with ``n_layers`` Linears (one
+    ``Linear(in, bottleneck)`` when ``n_layers == 1``), then ``last_layer``: ``Linear(bottleneck, out_dim,
+    bias=False)`` under weight normalisation, row ``k`` being ``g_k v_k / ||v_k||``. The magnitudes ``g`` start
+    at 1; with ``norm_last_layer`` they stay fixed (not trainable), so every output is a cosine similarity.
+    The name ``last_layer`` matters: the trainer freezes parameters containing it in the first epoch(s).
+
+    Shapes: ``(B, in_dim) -> (B, out_dim)``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 n_layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"DINOHead needs n_layers >= 1, got {n_layers}")
+        dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i in range(n_layers):
+            linear = nn.Linear(dims[i], dims[i + 1])
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+            layers.append(linear)
+            if i < n_layers - 1:  # no activation after the bottleneck: it is normalised next
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
+                layers.append(nn.GELU())  # exact (erf) GELU, as DINO
+        self.mlp = nn.Sequential(*layers)
+        # The default Linear init of v is kept: only its row directions matter once normalised.
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        magnitude = self.last_layer.parametrizations.weight.original0  # g, (out_dim, 1)
+        with torch.no_grad():
+            magnitude.fill_(1.0)
+        magnitude.requires_grad_(not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
