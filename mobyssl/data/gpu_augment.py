@@ -1,11 +1,12 @@
-"""MoBY's augmentations as batched tensor ops with per-sample random parameters (any device).
+"""MoBY's and DINO/EsViT's augmentations as batched tensor ops with per-sample random parameters (any device).
 
 Same operations, order and parameter distributions as the CPU pipeline in ``transforms.py``
 (torchvision's RandomResizedCrop and ColorJitter sampling, PIL-style Gaussian blur with std
 sigma, solarize at 128), applied to a whole uint8 batch at once, so a GPU can augment thousands
-of images per second. Differences from the PIL pipeline: crops are resized with ``roi_align``
-(bilinear, averaging several samples per output pixel when shrinking, like an antialiased
-resize), and intermediate results stay in float instead of being rounded to uint8 after each op.
+of images per second. Differences from the PIL pipeline: bilinear crops (MoBY's) are resized with
+``roi_align`` (averaging several samples per output pixel when shrinking, like an antialiased resize),
+bicubic ones (DINO's) with PIL's antialiased bicubic filter as two per-sample weight matrices, and
+intermediate results stay in float instead of being rounded to uint8 after each op.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from .transforms import NORMALIZATION
+from .transforms import INTERPOLATIONS, NORMALIZATION, MultiCrop
 
 GRAY = (0.299, 0.587, 0.114)
 
@@ -59,11 +60,65 @@ def sample_crop_boxes(heights: torch.Tensor, widths: torch.Tensor, scale=(0.08, 
     return torch.stack([x, y, x + w, y + h], dim=1)
 
 
-def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop ``boxes`` out of float ``images`` ``(B, C, H, W)`` and resize each to ``size x size``."""
+def _cubic(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """Keys' cubic convolution kernel with PIL's ``a = -0.5`` (support 2)."""
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+
+def bicubic_weights(lo: torch.Tensor, hi: torch.Tensor, size: int, length: int, dtype=torch.float32) -> torch.Tensor:
+    """``(B, size, length)`` weights resizing the span ``[lo, hi)`` of a ``length``-pixel axis to ``size`` pixels.
+
+    PIL's (and ``interpolate(..., antialias=True)``'s) bicubic resampling of the cropped span: output pixel i
+    is centred at ``lo + (i + 0.5) * scale``, ``scale = (hi - lo) / size``; the kernel is stretched by
+    ``max(scale, 1)`` (antialiasing when shrinking), pixels outside the span get no weight and each row sums to 1.
+    """
+    lo, hi = lo.to(dtype)[:, None, None], hi.to(dtype)[:, None, None]
+    scale = (hi - lo) / size
+    centre = lo + (torch.arange(size, device=lo.device, dtype=dtype)[None, :, None] + 0.5) * scale
+    pos = torch.arange(length, device=lo.device, dtype=dtype)[None, None, :] + 0.5
+    w = _cubic((pos - centre) / scale.clamp(min=1)) * ((pos > lo) & (pos < hi))
+    return w / w.sum(dim=2, keepdim=True)
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Crop ``boxes`` out of float ``images`` ``(B, C, H, W)`` and resize each to ``size x size``.
+
+    ``bilinear``: ``roi_align`` (MoBY's pipeline); ``bicubic``: PIL's antialiased bicubic filter (DINO's).
+    """
+    if interpolation == "bicubic":
+        h, w = images.shape[-2:]
+        wy = bicubic_weights(boxes[:, 1], boxes[:, 3], size, h, images.dtype)[:, None]  # (B, 1, size, H)
+        wx = bicubic_weights(boxes[:, 0], boxes[:, 2], size, w, images.dtype)[:, None]  # (B, 1, size, W)
+        return wy @ images @ wx.transpose(-1, -2)
+    if interpolation != "bilinear":
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     idx = torch.arange(images.shape[0], device=images.device, dtype=images.dtype)[:, None]
     return roi_align(images, torch.cat([idx, boxes.to(images.dtype)], dim=1), (size, size),
                      spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def random_resized_crops(images, size: int, scale, generator=None, interpolation: str = "bilinear") -> torch.Tensor:
+    """RandomResizedCrop(``size``, ``scale``) of each image of a uint8 ``(B, 3, H, W)`` batch or a list of uint8
+    ``(3, H_i, W_i)`` images: ``(B, 3, size, size)`` floats in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        b, dev = images.shape[0], images.device
+        hw = torch.tensor(images.shape[-2:], device=dev)
+        boxes = sample_crop_boxes(hw[0].expand(b), hw[1].expand(b), tuple(scale), generator=generator)
+        return resized_crops(images.float() / 255.0, boxes, size, interpolation).clamp(0, 1)
+    # Images of different sizes (decoded JPEGs): one crop-and-resize per image.
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    dev = images[0].device
+    hs = torch.tensor([im.shape[-2] for im in images], device=dev)
+    ws = torch.tensor([im.shape[-1] for im in images], device=dev)
+    boxes = sample_crop_boxes(hs, ws, tuple(scale), generator=generator).long().tolist()
+    out = [F.interpolate(im[None, :, y1:y2, x1:x2].float(), size=(size, size), mode=interpolation,
+                         antialias=True, align_corners=False)
+           for im, (x1, y1, x2, y2) in zip(images, boxes)]
+    return (torch.cat(out) / 255.0).clamp(0, 1)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +209,48 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> tor
     return y.reshape(b, c, h, w)
 
 
-class BatchMoBYAugment:
+def photometric(x: torch.Tensor, aug, blur_prob: float, solarize_prob: float, generator=None) -> torch.Tensor:
+    """The ops after the crop, per sample, on floats in [0, 1]: flip, colour jitter and grayscale as ``aug``
+    (the ``data.aug`` section) says, Gaussian blur with probability ``blur_prob`` (sigma in
+    ``aug.blur_sigma``), solarize with probability ``solarize_prob``."""
+    a = aug
+    b, dev = x.shape[0], x.device
+    p = torch.rand((b, 5), generator=generator, device=dev)
+    x = torch.where((p[:, 0] < a.flip_prob).view(-1, 1, 1, 1), x.flip(-1), x)
+    x = color_jitter(x, a.color_jitter, p[:, 1] < a.color_jitter_prob, generator)
+    x = torch.where((p[:, 2] < a.grayscale_prob).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    if blur_prob > 0:
+        sigma = _uniform(b, a.blur_sigma[0], a.blur_sigma[1], generator, dev)
+        x = torch.where((p[:, 3] < blur_prob).view(-1, 1, 1, 1), gaussian_blur(x, sigma, a.blur_sigma[1]), x)
+    if solarize_prob > 0:
+        solar = torch.where(x >= 128 / 255, 1 - x, x)
+        x = torch.where((p[:, 4] < solarize_prob).view(-1, 1, 1, 1), solar, x)
+    return x
+
+
+class _BatchViews:
+    """Views of a batch made one after the other from the same ``generator``; subclasses define ``view``."""
+
+    n_views: int
+
+    def __init__(self, aug, norm: str):
+        self.aug = aug
+        self.mean, self.std = NORMALIZATION[norm]
+
+    def _finish(self, crops: torch.Tensor, blur_prob: float, solarize_prob: float, generator) -> torch.Tensor:
+        x = photometric(crops, self.aug, blur_prob, solarize_prob, generator)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def view(self, images, v: int, generator=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, images, generator=None) -> list[torch.Tensor]:
+        return [self.view(images, v, generator) for v in range(self.n_views)]
+
+
+class BatchMoBYAugment(_BatchViews):
     """Two MoBY views of a uint8 batch ``(B, 3, H, W)`` (or a list of images of any sizes) on any device,
     with per-sample parameters.
 
@@ -162,47 +258,40 @@ class BatchMoBYAugment:
     augmentations reproducible.
     """
 
+    n_views = 2
+
     def __init__(self, image_size: int, aug, norm: str = "imagenet"):
+        super().__init__(aug, norm)
         self.size = image_size
-        self.aug = aug
-        self.mean, self.std = NORMALIZATION[norm]
 
     def crops(self, images, generator=None) -> torch.Tensor:
         """Random resized crops ``(B, 3, size, size)`` in [0, 1] of a uint8 batch or a list of uint8 images."""
-        a = self.aug
-        if isinstance(images, torch.Tensor):
-            b, dev = images.shape[0], images.device
-            hw = torch.tensor(images.shape[-2:], device=dev)
-            boxes = sample_crop_boxes(hw[0].expand(b), hw[1].expand(b), tuple(a.crop_scale), generator=generator)
-            return resized_crops(images.float() / 255.0, boxes, self.size).clamp(0, 1)
-        # Images of different sizes (decoded JPEGs): one crop-and-resize per image.
-        dev = images[0].device
-        hs = torch.tensor([im.shape[-2] for im in images], device=dev)
-        ws = torch.tensor([im.shape[-1] for im in images], device=dev)
-        boxes = sample_crop_boxes(hs, ws, tuple(a.crop_scale), generator=generator).long().tolist()
-        out = [F.interpolate(im[None, :, y1:y2, x1:x2].float(), size=(self.size, self.size), mode="bilinear",
-                             antialias=True, align_corners=False)
-               for im, (x1, y1, x2, y2) in zip(images, boxes)]
-        return (torch.cat(out) / 255.0).clamp(0, 1)
+        return random_resized_crops(images, self.size, self.aug.crop_scale, generator)
 
     def view(self, images, v: int, generator=None) -> torch.Tensor:
         """View ``v`` (0 or 1) of ``images``: a uint8 ``(B, 3, H, W)`` batch or a list of uint8 ``(3, H_i, W_i)``."""
         a = self.aug
-        x = self.crops(images, generator)
-        b, dev = x.shape[0], x.device
-        p = torch.rand((b, 5), generator=generator, device=dev)
-        x = torch.where((p[:, 0] < a.flip_prob).view(-1, 1, 1, 1), x.flip(-1), x)
-        x = color_jitter(x, a.color_jitter, p[:, 1] < a.color_jitter_prob, generator)
-        x = torch.where((p[:, 2] < a.grayscale_prob).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
-        if a.blur_prob[v] > 0:
-            sigma = _uniform(b, a.blur_sigma[0], a.blur_sigma[1], generator, dev)
-            x = torch.where((p[:, 3] < a.blur_prob[v]).view(-1, 1, 1, 1), gaussian_blur(x, sigma, a.blur_sigma[1]), x)
-        if a.solarize_prob[v] > 0:
-            solar = torch.where(x >= 128 / 255, 1 - x, x)
-            x = torch.where((p[:, 4] < a.solarize_prob[v]).view(-1, 1, 1, 1), solar, x)
-        mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return self._finish(self.crops(images, generator), a.blur_prob[v], a.solarize_prob[v], generator)
 
-    def __call__(self, images: torch.Tensor, generator=None) -> list[torch.Tensor]:
-        return [self.view(images, 0, generator), self.view(images, 1, generator)]
+
+class BatchMultiCropAugment(_BatchViews):
+    """DINO/EsViT's multi-crop views of a uint8 batch ``(B, 3, H, W)`` (or a list of images of any sizes) on
+    any device, with per-sample parameters: ``[global 1, global 2, local 1, ..., local N]`` as ``spec`` (a
+    ``MultiCrop``) describes them, the other ops from ``aug`` (the ``data.aug`` section), as
+    ``multicrop_transform`` does on the CPU.
+    """
+
+    def __init__(self, spec: MultiCrop, aug, norm: str = "imagenet"):
+        super().__init__(aug, norm)
+        self.spec = spec
+        self.n_views = spec.n_crops
+
+    def crops(self, images, i: int, generator=None) -> torch.Tensor:
+        """Crop ``i`` (0, 1 global; 2.. local) of each image, resized, in [0, 1], before the photometric ops."""
+        size, scale, _, _ = self.spec.crop(i)
+        return random_resized_crops(images, size, scale, generator, self.spec.interpolation)
+
+    def view(self, images, i: int, generator=None) -> torch.Tensor:
+        """View ``i`` of ``images``: a uint8 ``(B, 3, H, W)`` batch or a list of uint8 ``(3, H_i, W_i)``."""
+        _, _, blur_prob, solarize_prob = self.spec.crop(i)
+        return self._finish(self.crops(images, i, generator), blur_prob, solarize_prob, generator)
