@@ -216,7 +216,8 @@ class ModelConfig(Section):
 
 def method_name(name: str) -> Any:
     """The ``name`` field of a method's options class: ``name: Text = method_name("moby")``."""
-    return opt(name, "Self-supervised method (see `mobyssl methods`).", on_resume=ARCHITECTURE)
+    return opt(name, "Self-supervised method (see `mobyssl methods`). Picking another method than the recipe's "
+               "starts method.* from that method's defaults.", on_resume=ARCHITECTURE)
 
 
 def register_method_options(cls: type[MethodOptions]) -> type[MethodOptions]:
@@ -258,10 +259,17 @@ class TrainConfig(Section):
     min_lr: Float = opt(5e-6, "Final lr of the cosine schedule, scaled like train.lr (Swin/MoBY: 5e-6); "
                               "at most train.lr.", ge=0, le=10)
     weight_decay: Float = opt(0.05, "AdamW weight decay; never applied to biases and 1-D parameters.", ge=0, le=10)
+    weight_decay_end: Optional[Float] = opt(
+        None, "Weight decay at the end of training, reached on a cosine over the steps from train.weight_decay "
+        "(DINO/EsViT: 0.04 -> 0.4). null: train.weight_decay throughout (MoBY).", ge=0, le=10)
     betas: Annotated[list[Annotated[Float, Field(ge=0, lt=1)]], Field(min_length=2, max_length=2)] = opt(
         [0.9, 0.999], "AdamW betas, each in [0, 1).")
-    clip_grad: Optional[Float] = opt(5.0, "Clip the global gradient norm to this value (null: off).",
+    clip_grad: Optional[Float] = opt(5.0, "Clip gradient norms to this value (null: off); see train.clip_mode.",
                                      gt=0, le=1e6)
+    clip_mode: Choice("global", "per_parameter") = opt(
+        "global", "global: clip the norm of all gradients together (MoBY, Swin). per_parameter: clip each "
+        "parameter tensor's gradient on its own (DINO, EsViT: 3.0), so one exploding layer does not shrink the "
+        "others' updates.")
     accum_steps: Int = opt(
         1, "Split each batch into this many micro-batches and accumulate gradients (for large backbones "
         "on small GPUs). Queues and momentum still update once per optimizer step; BatchNorm statistics "
@@ -446,9 +454,14 @@ def load_config(recipe: Optional[str] = "quickstart", overrides: typing.Sequence
 
 
 def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
-    """Apply ``key=value`` strings onto a nested dict in place (validated later by ``from_dict``)."""
-    for ov in overrides:
-        key, value = parse_override(ov)
+    """Apply ``key=value`` strings onto a nested dict in place (validated later by ``from_dict``). A
+    ``method.name=...`` that picks another method than ``raw``'s drops ``raw``'s ``method.*`` keys first, wherever
+    it stands among the overrides."""
+    parsed = [parse_override(ov) for ov in overrides]
+    names = [value for key, value in parsed if key == "method.name"]
+    if names:
+        _switch_method(raw, names[-1])
+    for key, value in parsed:
         _set_dotted(raw, key, value)
     return raw
 
@@ -472,8 +485,23 @@ def _load_yaml_chain(path: Path, seen: tuple) -> dict:
         raise ConfigError(f"{path}: 'base' must name a recipe or a YAML file, got {base!r}")
     base_path = (path.parent / base) if base.endswith((".yaml", ".yml")) else resolve_recipe(base)
     merged = _load_yaml_chain(Path(base_path), seen + (path,))
+    section = data.get("method")
+    if isinstance(section, dict) and "name" in section:
+        _switch_method(merged, section["name"])
     _deep_merge(merged, data)
     return merged
+
+
+def _method_of(raw: dict) -> Any:
+    section = raw.get("method")
+    return section.get("name", DEFAULT_METHOD) if isinstance(section, dict) else DEFAULT_METHOD
+
+
+def _switch_method(raw: dict, name: Any) -> None:
+    """A recipe layer or override that picks another method starts ``method.*`` from that method's defaults: the
+    ``method.*`` keys set so far belong to the previous method (a DINO recipe on a MoBY base has no queue)."""
+    if name != _method_of(raw) and isinstance(raw.get("method"), dict):
+        raw["method"] = {}
 
 
 def _deep_merge(dst: dict, src: dict) -> None:

@@ -51,3 +51,17 @@ def fused_adamw_on(device_type: str) -> bool:
     except (RuntimeError, ValueError, TypeError):
         return False
     return True
+
+
+def clip_each_gradient_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale each parameter's gradient on its own to a norm of at most ``max_norm`` (DINO's clipping: a gradient
+    of norm n is multiplied by ``max_norm / (n + 1e-6)`` when that is below 1). Returns the norm of all the
+    gradients before clipping (for the non-finite check), on the device, without a host synchronisation."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    if math.isfinite(max_norm):
+        coefs = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+        torch._foreach_mul_(grads, coefs)
+    return torch.linalg.vector_norm(torch.stack(norms))

@@ -43,7 +43,7 @@ from .checkpoint import (
 from .compat import check_resume_changes, config_changes
 from .guards import BadDataMonitor, CollapseMonitor, NonFiniteGuard, StopSignals, TrainingInterrupted
 from .logging import MetricsLogger, Progress
-from .optim import build_adamw, warmup_cosine
+from .optim import build_adamw, clip_each_gradient_, warmup_cosine
 from .rundir import RunLock, check_fresh_output_dir, check_output_dir_writable
 
 
@@ -79,9 +79,12 @@ def find_resume_point(output_dir, resume: bool | str, log=print) -> ResumePoint:
 
 @dataclass
 class Schedules:
+    """Per-step values, indexed by the 0-based step about to run. ``weight_decay`` is None when constant."""
+
     lr: list
     total_steps: int
     steps_per_epoch: int
+    weight_decay: list | None = None
 
 
 def make_schedules(cfg: Config, steps_per_epoch: int) -> Schedules:
@@ -90,12 +93,19 @@ def make_schedules(cfg: Config, steps_per_epoch: int) -> Schedules:
     total = t.epochs * steps_per_epoch
     lr = warmup_cosine(t.lr * scale, t.min_lr * scale, total, int(round(t.warmup_epochs * steps_per_epoch)),
                        t.warmup_lr * scale)
-    return Schedules(lr=lr.tolist(), total_steps=total, steps_per_epoch=steps_per_epoch)
+    wd = None if t.weight_decay_end is None else warmup_cosine(t.weight_decay, t.weight_decay_end, total).tolist()
+    return Schedules(lr=lr.tolist(), total_steps=total, steps_per_epoch=steps_per_epoch, weight_decay=wd)
 
 
 def train_step(model, views: list, optimizer, scaler, lr: float, clip_grad: float | None,
-               amp_dtype=None, accum_steps: int = 1) -> tuple[dict, torch.Tensor]:
+               amp_dtype=None, accum_steps: int = 1, *, weight_decay: float | None = None,
+               clip_mode: str = "global", epoch: int = 0) -> tuple[dict, torch.Tensor]:
     """One optimizer step of ``model`` (the method, or its DDP wrapper) on ``views``.
+
+    ``weight_decay``: this step's decay of the decayed parameter group (None: left as built). ``clip_mode``:
+    ``global`` clips the norm of all gradients together, ``per_parameter`` each gradient tensor on its own.
+    After the backward pass the method's ``on_after_backward(epoch)`` may drop gradients (a parameter whose
+    gradient is None is skipped by the optimizer: no update, no decay, no moment).
 
     With ``accum_steps > 1`` the batch is split into micro-batches whose gradients add up (DDP
     synchronises only the last); the method's buffers (queues) update once, after the last one.
@@ -106,6 +116,8 @@ def train_step(model, views: list, optimizer, scaler, lr: float, clip_grad: floa
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if weight_decay is not None:
+        optimizer.param_groups[0]["weight_decay"] = weight_decay  # build_adamw's group 0 is the decayed one
     optimizer.zero_grad(set_to_none=True)
     method = getattr(model, "module", model)
     if accum_steps == 1:
@@ -126,8 +138,12 @@ def train_step(model, views: list, optimizer, scaler, lr: float, clip_grad: floa
                 parts.append({k: v.detach() for k, v in out.items()})
         outputs = {k: torch.stack([p[k] for p in parts]).mean() for k in parts[0]}
     scaler.unscale_(optimizer)  # also finds inf/NaN gradients, on the device
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
+    method.on_after_backward(epoch)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if clip_mode == "per_parameter":
+        grad_norm = clip_each_gradient_(params, clip_grad or math.inf)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or math.inf)
     # The scaler skips the optimizer step when gradients are not finite; with a fused optimizer the
     # decision stays on the device (no host synchronisation). Only fp16 needs a real loss scale.
     scaler.step(optimizer)
@@ -181,7 +197,7 @@ def pretrain(cfg: Config, resume: bool | str | ResumePoint = False, log=print, a
     method = build.build_method(cfg)
     method.check_setup(batch)
     if cfg.train.grad_checkpointing:
-        method.backbone.set_grad_checkpointing(True)
+        method.trained_backbone.set_grad_checkpointing(True)
     point = _resume_point(cfg, out, resume, accept_changes, log)
     if point is None:
         D.on_main_then_agree(lambda: check_fresh_output_dir(out))
@@ -321,8 +337,11 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
                 for views, _, failed in loader:
                     bad_data.update(len(views[0]), failed, progress.write)
                     lr = sched.lr[global_step]
+                    wd = sched.weight_decay[global_step] if sched.weight_decay else None
                     views = [v.to(device, non_blocking=True) for v in views]
-                    outputs, ok = train_step(model, views, optimizer, scaler, lr, cfg.train.clip_grad, amp_dtype, accum)
+                    method.on_step_start(global_step, sched.total_steps, steps_per_epoch)
+                    outputs, ok = train_step(model, views, optimizer, scaler, lr, cfg.train.clip_grad, amp_dtype, accum,
+                                             weight_decay=wd, clip_mode=cfg.train.clip_mode, epoch=epoch)
                     global_step += 1
                     status["steps"] += 1
                     extra = method.on_step_end(global_step, sched.total_steps, apply=ok)
@@ -348,7 +367,7 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
                         img_s = seen / max(time.time() - tick, 1e-9)
                         if logger:
                             logger.log("train", global_step, epoch=round(global_step / steps_per_epoch, 3), lr=lr,
-                                       img_per_s=img_s, skipped_steps=nonfinite.total,
+                                       **({"weight_decay": wd} if wd is not None else {}), img_per_s=img_s, skipped_steps=nonfinite.total,
                                        skipped_images=bad_data.failed, **values, **extra)
                         collapse.check(values, global_step, progress.write)
                         progress.update(global_step, epoch=f"{global_step / steps_per_epoch:.2f}",
