@@ -8,17 +8,18 @@ from torch.utils.data import DataLoader
 from .config import Config
 from .data import DataError, eval_transform, open_dataset
 from .data.training import TrainingDataset
-from .errors import ConfigError
 from .methods import Method, get_method
 from .models import create_backbone
 
 
 def backbone_fn(cfg: Config):
-    """``drop_path_rate -> backbone`` with the run's name, image size, norm variant and kwargs bound."""
+    """``(drop_path_rate, multi_size=False) -> backbone`` with the run's name, image size, norm variant and kwargs
+    bound; ``multi_size``: the backbone also takes crops of other sizes (multi-crop methods)."""
 
-    def make(drop_path_rate: float):
+    def make(drop_path_rate: float, multi_size: bool = False):
         return create_backbone(cfg.model.backbone, img_size=cfg.data.image_size, drop_path_rate=drop_path_rate,
-                               norm_before_mlp=cfg.model.norm_before_mlp, **cfg.model.kwargs)
+                               norm_before_mlp=cfg.model.norm_before_mlp, multi_size=multi_size,
+                               **cfg.model.kwargs)
 
     return make
 
@@ -70,14 +71,10 @@ def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device
 
 
 def device_loader(cfg: Config, dataset, sampler, batch_size: int, device: torch.device):
-    """``data.pipeline=gpu_decode`` or ``gpu_resident``: MoBY views made on ``device`` per batch."""
+    """``data.pipeline=gpu_decode`` or ``gpu_resident``: the method's views made on ``device`` per batch."""
     from . import distributed as D
-    from .data.gpu_augment import BatchMoBYAugment
 
-    if cfg.method.name != "moby":
-        raise ConfigError(f"data.pipeline={cfg.data.pipeline} implements MoBY's augmentation only; use "
-                         f"data.pipeline=cpu for method.name={cfg.method.name}")
-    augment = BatchMoBYAugment(cfg.data.image_size, cfg.data.aug, cfg.data.normalization)
+    augment = get_method(cfg.method.name).device_transform(cfg)
     if cfg.data.pipeline == "gpu_resident":
         from .data.resident import ResidentImages, ResidentLoader
 

@@ -1,7 +1,8 @@
 """Self-supervised methods; importing this package registers them."""
 
 from .base import Method
+from .dino import DINO
 from .moby import MoBY
 from .registry import METHODS, get_method, register_method
 
-__all__ = ["Method", "MoBY", "METHODS", "get_method", "register_method"]
+__all__ = ["DINO", "Method", "MoBY", "METHODS", "get_method", "register_method"]

@@ -8,10 +8,12 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.momentum import cosine_momentum, ema_update
 
-# Builds a fresh backbone for a given drop-path rate; the trainer binds name, image size, etc.
-BackboneFn = Callable[[float], nn.Module]
+# Builds a fresh backbone for a given drop-path rate (and ``multi_size=True`` for one that takes crops of other
+# sizes too); the trainer binds name, image size, etc.
+BackboneFn = Callable[..., nn.Module]
 
 
 class Method(nn.Module):
@@ -19,20 +21,31 @@ class Method(nn.Module):
 
     The trainer calls, per step::
 
+        method.on_step_start(step, total_steps, steps_per_epoch)   # step: 0-based
         out = method(views)          # views: list of (B, 3, H_i, W_i) tensors, any number and size
-        out["loss"].backward(); optimizer.step()
-        method.on_step_end(global_step, total_steps)   # momentum updates etc.
+        out["loss"].backward()
+        method.on_after_backward(epoch); clip; optimizer.step()
+        method.on_step_end(step + 1, total_steps)   # momentum updates etc.
 
     ``forward`` returns a dict holding ``loss`` plus scalar tensors to log. ``backbone`` is the
     network evaluated by k-NN / linear probing and exported.
     """
 
     name: ClassVar[str] = ""
+    # The attribute holding ``backbone``: its weights are ``<backbone_key>.*`` in the method's state dict.
+    backbone_key: ClassVar[str] = ""
     base_momentum: float = 0.0
 
     @property
     def backbone(self) -> nn.Module:
+        """The network that is the result: evaluated (k-NN, linear) and exported (MoBY: the online encoder;
+        DINO, EsViT: the teacher's backbone)."""
         raise NotImplementedError
+
+    @property
+    def trained_backbone(self) -> nn.Module:
+        """The backbone the optimizer trains (gradient checkpointing applies to it); by default ``backbone``."""
+        return self.backbone
 
     @classmethod
     def from_config(cls, cfg, backbone_fn: BackboneFn) -> "Method":
@@ -43,6 +56,13 @@ class Method(nn.Module):
     def train_transform(cfg):
         """The CPU augmentation producing this method's list of views from one PIL image."""
         raise NotImplementedError
+
+    @classmethod
+    def device_transform(cls, cfg):
+        """The batched augmentation of ``data.pipeline=gpu_decode`` / ``gpu_resident``: ``uint8 (B, 3, H, W)`` images
+        (or a list of them) on the device -> this method's list of views, as ``train_transform`` makes them."""
+        raise ConfigError(f"data.pipeline={cfg.data.pipeline} has no batched augmentation for method.name={cls.name}; "
+                          "use data.pipeline=cpu.")
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -73,6 +93,15 @@ class Method(nn.Module):
             for m in parts:
                 m.defer_updates = False
                 m.flush()
+
+    def on_step_start(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        """Before optimizer step ``step`` (0-based, the index into every per-step schedule): set what depends on
+        the step (DINO: the teacher temperature of its epoch). Must depend on the arguments only, so a resumed
+        run sets the same values."""
+
+    def on_after_backward(self, epoch: int) -> None:
+        """After the backward pass (gradients unscaled), before clipping and the optimizer step: a method may set
+        ``p.grad = None`` to keep parameter ``p`` out of this step (DINO freezes its head's last layer)."""
 
     def momentum_at(self, step: int, total_steps: int) -> float:
         return cosine_momentum(step, total_steps, self.base_momentum)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ARCHITECTURE, Float, Int, MethodOptions, Text, method_name, opt, register_method_options
+from ..data.gpu_augment import BatchMoBYAugment
 from ..data.transforms import moby_transform
 from ..losses import MoBYLoss
 from ..models import MLPHead, feature_dim
@@ -39,6 +40,7 @@ class MoBY(Method):
     """
 
     name = "moby"
+    backbone_key = "encoder"
     Options = MoBYOptions
 
     def __init__(self, backbone_fn: BackboneFn, drop_path_rate: float = 0.2, target_drop_path_rate: float = 0.0,
@@ -66,6 +68,10 @@ class MoBY(Method):
     @staticmethod
     def train_transform(cfg):
         return moby_transform(cfg.data.image_size, cfg.data.aug, cfg.data.normalization)
+
+    @staticmethod
+    def device_transform(cfg):
+        return BatchMoBYAugment(cfg.data.image_size, cfg.data.aug, cfg.data.normalization)
 
     @property
     def backbone(self) -> nn.Module:

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import BackboneError
+from .pos_embed import use_dino_pos_embed
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def resolve_name(name: str) -> tuple[str, dict]:
 
 
 def create_backbone(name: str, *, img_size: int | None = None, drop_path_rate: float = 0.0,
-                    norm_before_mlp: str = "ln", **kwargs) -> nn.Module:
+                    norm_before_mlp: str = "ln", multi_size: bool = False, **kwargs) -> nn.Module:
     """A timm backbone without classifier, randomly initialised (nothing is downloaded).
 
     Args:
@@ -111,10 +113,16 @@ def create_backbone(name: str, *, img_size: int | None = None, drop_path_rate: f
         img_size: input resolution; overrides the preset's.
         drop_path_rate: stochastic depth.
         norm_before_mlp: ``"ln"`` (default) or ``"bn"`` (MoBY-1; Swin only).
+        multi_size: also take inputs of other sizes than ``img_size`` (multi-crop): ViTs resample their
+            position embedding the DINO way (``pos_embed.use_dino_pos_embed``), Swins pad their windows.
         kwargs: extra ``timm.create_model`` arguments; they override the preset's.
     """
     timm_name, args = resolve_name(name)
     args.update(kwargs)
+    if multi_size:
+        args["dynamic_img_size"] = True
+        if "swin" in timm_name:
+            args["strict_img_size"] = False
     if img_size is not None:
         args["img_size"] = img_size
     try:
@@ -125,6 +133,8 @@ def create_backbone(name: str, *, img_size: int | None = None, drop_path_rate: f
                             f"data.image_size and model.kwargs): {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
                             "Fix model.kwargs or data.image_size.") from None
     _check_patch_grid(model, name)
+    if multi_size and isinstance(model, VisionTransformer):
+        use_dino_pos_embed(model)
     if norm_before_mlp == "bn":
         if use_bn_before_mlp(model) == 0:
             raise BackboneError(

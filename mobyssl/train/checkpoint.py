@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import DEFAULT_METHOD
 from ..errors import CheckpointError, MobysslError, RunDirError
+from ..methods import get_method
 from .rundir import LOCK_NAME, check_output_file, is_checkpoint_name
 
 LATEST = "checkpoint.pth"
@@ -294,9 +296,12 @@ def find_resumable(output_dir: str | os.PathLike, log=print) -> tuple[Path, dict
 
 
 def backbone_state_dict(state: dict, source: str = "checkpoint") -> dict:
-    """The online backbone's weights (timm key layout) from a pre-training checkpoint or an export."""
+    """The weights of the network a method evaluates and exports (``Method.backbone``: MoBY's online encoder,
+    DINO's teacher), in timm's key layout, from a pre-training checkpoint; or those of an export."""
     if "method" in state:
-        prefix = "encoder."
+        config = state.get("config") if isinstance(state.get("config"), dict) else {}
+        section = config.get("method") if isinstance(config.get("method"), dict) else {}
+        prefix = get_method(section.get("name", DEFAULT_METHOD)).backbone_key + "."
         sd = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
         if not sd:
             raise CheckpointError(f"{source} has method weights but no '{prefix}*' backbone keys")

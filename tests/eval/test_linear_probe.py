@@ -296,3 +296,15 @@ def test_full_probe_logs_each_epochs_loss_and_elapsed_seconds():
         m = re.fullmatch(rf"linear epoch {i}/3  loss (\d+\.\d{{4}})  (\d+)s", line)
         assert m, line
         assert 0 <= int(m.group(2)) < 60  # the time elapsed, not a wall-clock timestamp
+
+
+def test_full_probe_head_starts_from_small_random_weights_and_zero_bias(monkeypatch):
+    """MoBY/DINO's linear head: weights ~ N(0, 0.01^2), bias 0 (a larger init slows the short probes down)."""
+    calls = _recording_sgd(monkeypatch)
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 256), torch.arange(8) % 40
+    linear_probe_full(FrozenBackbone(256), DataLoader(TensorDataset(x, y), batch_size=8), x, y, num_classes=40,
+                      device=CPU, epochs=1)
+    weight, bias = calls[0]["init"]
+    assert weight.shape == (40, 256) and 0.0097 < weight.std().item() < 0.0103  # 10,240 draws: +-0.0001
+    assert abs(weight.mean().item()) < 0.0005 and torch.equal(bias, torch.zeros(40))

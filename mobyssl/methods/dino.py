@@ -1,0 +1,194 @@
+"""DINO (Caron et al. 2021): self-distillation without labels, a student matching a momentum teacher over
+multi-crop views, with a centred and sharpened teacher."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import (
+    ARCHITECTURE,
+    Float,
+    Int,
+    MethodOptions,
+    OrderedPair,
+    Text,
+    method_name,
+    opt,
+    register_method_options,
+)
+from ..data.gpu_augment import BatchMultiCropAugment
+from ..data.transforms import MultiCrop, multicrop_transform
+from ..errors import ConfigError
+from ..losses import DINOLoss
+from ..models import DINOHead, feature_dim
+from ..models.momentum import copy_weights, cosine_momentum
+from .base import BackboneFn, Method
+from .registry import register_method
+
+
+@register_method_options
+class DINOOptions(MethodOptions):
+    """``method.*`` keys of DINO (defaults: the official code's, ``main_dino.py``)."""
+
+    name: Text = method_name("dino")
+    out_dim: Int = opt(65536, "Output width of the DINO head, the number of 'prototypes' (DINO: 65536).",
+                       on_resume=ARCHITECTURE, ge=2, le=2**20)
+    hidden_dim: Int = opt(2048, "Hidden width of the head's MLP (DINO: 2048).", on_resume=ARCHITECTURE, ge=1,
+                          le=65536)
+    bottleneck_dim: Int = opt(256, "Width of the head's L2-normalised bottleneck (DINO: 256).",
+                              on_resume=ARCHITECTURE, ge=1, le=65536)
+    head_layers: Int = opt(3, "Linear layers of the head's MLP (DINO: 3).", on_resume=ARCHITECTURE, ge=1, le=16)
+    use_bn_in_head: bool = opt(False, "BatchNorm in the head's MLP (DINO: off for ViTs).", on_resume=ARCHITECTURE)
+    norm_last_layer: bool = opt(
+        True, "Fix the norm of the head's last layer (DINO: on; the paper's ViT-S recipes turn it off for a few "
+        "points more, at some risk of instability).", on_resume=ARCHITECTURE)
+    momentum: Float = opt(
+        0.996, "Base EMA momentum of the teacher; rises to 1.0 on a cosine over training (DINO: 0.996; raise it, "
+        "e.g. 0.9995, for small batches).", ge=0, lt=1)
+    teacher_temp: Float = opt(
+        0.04, "Teacher temperature after the warm-up (DINO: 0.04; up to 0.07 for longer runs; above that training "
+        "tends to collapse).", gt=0, le=10)
+    warmup_teacher_temp: Float = opt(0.04, "Teacher temperature at the start of its warm-up (DINO: 0.04).", gt=0,
+                                     le=10)
+    warmup_teacher_temp_epochs: Int = opt(
+        0, "Epochs of the linear teacher-temperature warm-up (DINO's default: 0; its 0.07 recipes: 30).", ge=0,
+        le=100_000)
+    student_temp: Float = opt(0.1, "Student temperature (DINO: 0.1).", gt=0, le=10)
+    center_momentum: Float = opt(0.9, "EMA momentum of the teacher's centre (DINO: 0.9).", ge=0, lt=1)
+    freeze_last_layer: Int = opt(
+        1, "Epochs during which the head's last layer is not trained (DINO: 1); raise it if the loss is unstable "
+        "early.", ge=0, le=100_000)
+    global_crop_scale: OrderedPair(gt=0, le=1) = opt(
+        [0.4, 1.0], "Area range of the 2 global crops (data.image_size px; DINO: 0.4-1).")
+    local_crops_number: Int = opt(
+        8, "Local crops per image (DINO: 8; 0 trains on the 2 global crops only).", ge=0, le=64)
+    local_crop_size: Int = opt(96, "Side of the local crops in pixels (DINO: 96 for 224 px images).",
+                               ge=8, le=8192)
+    local_crop_scale: OrderedPair(gt=0, le=1) = opt(
+        [0.05, 0.4], "Area range of the local crops (DINO: 0.05-0.4).")
+
+
+def teacher_temperatures(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int) -> np.ndarray:
+    """Per-epoch teacher temperature: linear ``warmup_temp -> temp`` over ``warmup_epochs`` (both ends
+    included, so ``temp`` is reached in epoch ``warmup_epochs - 1``), then ``temp``."""
+    warm = np.linspace(warmup_temp, temp, warmup_epochs)
+    return np.concatenate([warm, np.full(max(epochs - warmup_epochs, 0), temp)])
+
+
+def forward_by_size(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """Backbone features of every view, crop-major (row ``crop * B + b``); consecutive views of the same size go
+    through the backbone together, in one pass."""
+    out, start = [], 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        out.append(backbone(torch.cat(views[start:end])))
+        start = end
+    return torch.cat(out)
+
+
+@register_method
+class DINO(Method):
+    """Student: backbone -> DINO head, on every crop. Teacher: an EMA of both, on the 2 global crops.
+
+    Loss: cross-entropy between the teacher's centred, sharpened output for one global crop and the student's
+    output for every other crop. Evaluated and exported: the teacher's backbone (as DINO's own scripts do).
+    """
+
+    name = "dino"
+    backbone_key = "teacher"
+    Options = DINOOptions
+
+    def __init__(self, backbone_fn: BackboneFn, drop_path_rate: float = 0.1, teacher_drop_path_rate: float = 0.0,
+                 out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256, head_layers: int = 3,
+                 use_bn_in_head: bool = False, norm_last_layer: bool = True, momentum: float = 0.996,
+                 teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0,
+                 student_temp: float = 0.1, center_momentum: float = 0.9, freeze_last_layer: int = 1,
+                 n_crops: int = 10):
+        super().__init__()
+        self.base_momentum = momentum
+        self.temps = (warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
+        self.freeze_last_layer = freeze_last_layer
+        self.n_crops = n_crops
+        self.student = backbone_fn(drop_path_rate, multi_size=n_crops > 2)
+        dim = feature_dim(self.student)
+        head = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, n_layers=head_layers, use_bn=use_bn_in_head)
+        self.student_head = DINOHead(dim, out_dim, norm_last_layer=norm_last_layer, **head)
+        self.teacher = backbone_fn(teacher_drop_path_rate, multi_size=n_crops > 2)
+        self.teacher_head = DINOHead(dim, out_dim, **head)
+        copy_weights(self.student, self.teacher)
+        copy_weights(self.student_head, self.teacher_head)
+        self.criterion = DINOLoss(out_dim, n_crops, student_temp, center_momentum)
+        # Set per step by on_step_start (a tensor, so a compiled forward does not recompile when it changes).
+        first = warmup_teacher_temp if warmup_teacher_temp_epochs > 0 else teacher_temp
+        self.register_buffer("teacher_temp", torch.tensor(first), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg, backbone_fn: BackboneFn) -> "DINO":
+        m = cfg.method
+        if m.warmup_teacher_temp_epochs > cfg.train.epochs:
+            raise ConfigError(f"method.warmup_teacher_temp_epochs={m.warmup_teacher_temp_epochs} is longer than "
+                              f"train.epochs={cfg.train.epochs}; lower it.")
+        return cls(backbone_fn, cfg.model.drop_path_rate, cfg.model.target_drop_path_rate, m.out_dim, m.hidden_dim,
+                   m.bottleneck_dim, m.head_layers, m.use_bn_in_head, m.norm_last_layer, m.momentum, m.teacher_temp,
+                   m.warmup_teacher_temp, m.warmup_teacher_temp_epochs, m.student_temp, m.center_momentum,
+                   m.freeze_last_layer, 2 + m.local_crops_number)
+
+    @staticmethod
+    def crops(cfg) -> MultiCrop:
+        """The crops of ``cfg``: sizes and scales from ``method.*``; blur and solarize per crop kind are DINO's."""
+        m = cfg.method
+        return MultiCrop(global_size=cfg.data.image_size, global_scale=tuple(m.global_crop_scale),
+                         n_local=m.local_crops_number, local_size=m.local_crop_size,
+                         local_scale=tuple(m.local_crop_scale))
+
+    @classmethod
+    def train_transform(cls, cfg):
+        return multicrop_transform(cls.crops(cfg), cfg.data.aug, cfg.data.normalization)
+
+    @classmethod
+    def device_transform(cls, cfg):
+        return BatchMultiCropAugment(cls.crops(cfg), cfg.data.aug, cfg.data.normalization)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.teacher
+
+    @property
+    def trained_backbone(self) -> nn.Module:
+        return self.student
+
+    def momentum_pairs(self):
+        return [(self.student, self.teacher), (self.student_head, self.teacher_head)]
+
+    def trainable_modules(self):
+        return [self.student, self.student_head]
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        # DINO's momentum for its 0-based iteration ``step - 1`` (MoBY's schedule is one step later).
+        return cosine_momentum(step - 1, total_steps, self.base_momentum)
+
+    def on_step_start(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        warmup_temp, temp, warmup_epochs = self.temps
+        epochs = max(total_steps // max(steps_per_epoch, 1), 1)
+        temps = teacher_temperatures(warmup_temp, temp, warmup_epochs, epochs)
+        self.teacher_temp.fill_(float(temps[min(step // max(steps_per_epoch, 1), len(temps) - 1)]))
+
+    def on_after_backward(self, epoch: int) -> None:
+        if epoch < self.freeze_last_layer:
+            for name, p in self.student_head.named_parameters():
+                if "last_layer" in name:
+                    p.grad = None
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``views``: the 2 global crops, then the local crops, each ``(B, 3, H_i, W_i)``."""
+        if len(views) != self.n_crops:
+            raise ValueError(f"DINO was built for {self.n_crops} crops (2 global + method.local_crops_number), "
+                             f"got {len(views)} views")
+        student_out = self.student_head(forward_by_size(self.student, views))
+        with torch.no_grad():
+            teacher_out = self.teacher_head(forward_by_size(self.teacher, views[:2]))
+        return self.criterion(student_out, teacher_out, self.teacher_temp)
