@@ -6,13 +6,14 @@ import errno
 import io
 import os
 import pickle
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from mobyssl.errors import MobysslError, RunDirError
+from mobyssl.errors import CheckpointError, MobysslError, RunDirError
 from mobyssl.train import checkpoint as ckpt_mod
 from mobyssl.train import trainer as trainer_mod
 from mobyssl.train.checkpoint import (
@@ -325,3 +326,20 @@ def test_export_on_a_full_disk_is_one_clear_error(run, tmp_path, monkeypatch):
     assert isinstance(e.value, MobysslError) and e.value.errno == errno.ENOSPC
     assert str(e.value).startswith(f"cannot write {tmp_path.resolve() / 'bb.pth'}: No space left on device")
     assert not (tmp_path / "bb.pth").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_step_checkpoints_ignores_names_that_only_look_like_them(tmp_path):
+    for name in ("checkpoint_step00000003.pth", "checkpoint_step_old.pth", "checkpoint_stepXY.pth",
+                 "checkpoint_step00000001.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["checkpoint_step00000003.pth", "checkpoint_step00000001.pth"]
+
+
+def test_a_folder_given_as_checkpoint_is_refused_with_the_file_to_give(tmp_path):
+    with pytest.raises(CheckpointError, match=r"is a folder; give the checkpoint file \(runs write "
+                                              r"<output_dir>/checkpoint\.pth\)\.$"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=rf"is a folder; give the checkpoint file such as "
+                                              rf"{re.escape(str(tmp_path / 'checkpoint.pth'))}\.$"):
+        load_checkpoint(tmp_path)

@@ -50,7 +50,7 @@ def test_an_io_error_message_names_file_and_reason_without_a_detail(tmp_path, mo
     assert load_checkpoint(tmp_path / "c.pth")["global_step"] == 1 and not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("free, shown", [(512, "512 B"), (1536, "1.5 KiB"), (3 * 2**20 + 2**19, "3.5 MiB"),
+@pytest.mark.parametrize("free, shown", [(512, "512 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"), (3 * 2**20 + 2**19, "3.5 MiB"),
                                          (2**30 // 4, "256.0 MiB"), (5 * 2**40, "5120.0 GiB")])
 def test_a_full_disk_message_shows_the_free_space_in_binary_units(tmp_path, monkeypatch, free, shown):
     """ENOSPC adds "(<free> free in <folder>)" with B / KiB / MiB / GiB units."""
@@ -128,3 +128,53 @@ def test_a_cyclic_exception_chain_holding_an_oserror_is_a_write_failure(tmp_path
     with deadline(), pytest.raises(CheckpointWriteError) as e:
         save_checkpoint(_state(), tmp_path / "c.pth")
     assert e.value.errno == errno.ENOSPC and "(0 B free in" in str(e.value)
+
+
+def test_the_reason_is_the_errors_own_text_or_else_the_systems(tmp_path, monkeypatch):
+    _free(monkeypatch, 10 * 2**30)
+    monkeypatch.setattr(ckpt_mod, "open", _failing_open(OSError(errno.EIO, "controller reset")), raising=False)
+    with pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(_state(), tmp_path / "c.pth")
+    assert str(e.value) == f"cannot write {tmp_path / 'c.pth'}: controller reset{_FIX}"
+    monkeypatch.setattr(ckpt_mod, "open", _failing_open(OSError(errno.EIO, "")), raising=False)
+    with pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(_state(), tmp_path / "c.pth")
+    assert str(e.value) == f"cannot write {tmp_path / 'c.pth'}: Input/output error{_FIX}"
+
+
+def test_an_error_without_errno_or_text_is_named_by_its_type(tmp_path, monkeypatch):
+    _free(monkeypatch, 10 * 2**30)
+    monkeypatch.setattr(ckpt_mod, "open", _failing_open(OSError()), raising=False)
+    with pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(_state(), tmp_path / "c.pth")
+    assert e.value.errno == errno.EIO
+    assert str(e.value) == f"cannot write {tmp_path / 'c.pth'}: Input/output error: OSError{_FIX}"
+
+
+def test_a_stream_failure_with_exactly_the_threshold_free_is_not_a_full_disk(tmp_path, monkeypatch):
+    _free(monkeypatch, ckpt_mod._DISK_FULL_BELOW)
+    monkeypatch.setattr(ckpt_mod, "open", _failing_open(OSError("stream broke")), raising=False)
+    with pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(_state(), tmp_path / "c.pth")
+    assert e.value.errno == errno.EIO and "stream broke" in str(e.value)
+    _free(monkeypatch, ckpt_mod._DISK_FULL_BELOW - 1)
+    with pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(_state(), tmp_path / "c.pth")
+    assert e.value.errno == errno.ENOSPC
+
+
+def test_free_space_that_cannot_be_read_is_left_out_of_the_message(tmp_path, monkeypatch):
+    def unreadable(path):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(ckpt_mod.shutil, "disk_usage", unreadable)
+    monkeypatch.setattr(ckpt_mod, "open", _failing_open(OSError(errno.ENOSPC, "No space left on device")),
+                        raising=False)
+    with pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(_state(), tmp_path / "c.pth")
+    assert str(e.value) == f"cannot write {tmp_path / 'c.pth'}: No space left on device{_FIX}"
+
+
+def test_a_write_error_built_without_detail_shows_none():
+    assert str(CheckpointWriteError(errno.EIO, "Input/output error", "f.pth")) == \
+        f"cannot write f.pth: Input/output error{_FIX}"
