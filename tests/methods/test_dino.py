@@ -277,20 +277,29 @@ def test_train_transform_gives_two_global_and_the_configured_local_crops(tmp_pat
 def test_device_transform_gives_the_same_views_from_a_uint8_batch(tmp_path, monkeypatch):
     import mobyssl.data.gpu_augment as gpu_augment
 
-    cfg = _dino_cfg(tmp_path, *_CROP_OVERRIDES)
-    geometry = []
+    cfg = _dino_cfg(tmp_path, *_CROP_OVERRIDES, "data.normalization=cifar10")
+    geometry, photometric = [], []
     real = gpu_augment.random_resized_crops
 
-    def recording(images, size, scale, *args, **kw):
+    def recording_crops(images, size, scale, *args, **kw):
         geometry.append((size, tuple(scale)))
         return real(images, size, scale, *args, **kw)
 
-    monkeypatch.setattr(gpu_augment, "random_resized_crops", recording)
+    def grey(x, aug, blur_prob, solarize_prob, generator=None):  # every pixel 0.5 before normalisation
+        photometric.append((blur_prob, solarize_prob))
+        return torch.full_like(x, 0.5)
+
+    monkeypatch.setattr(gpu_augment, "random_resized_crops", recording_crops)
+    monkeypatch.setattr(gpu_augment, "photometric", grey)
     t = DINO.device_transform(cfg)
     views = t(torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8), torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in views] == [(4, 3, GLOBAL, GLOBAL)] * 2 + [(4, 3, LOCAL, LOCAL)] * 3
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
     assert geometry == [(GLOBAL, (0.5, 0.9))] * 2 + [(LOCAL, (0.1, 0.3))] * 3
+    # DINO's blur / solarize probabilities per crop kind, and data.normalization's statistics.
+    assert photometric == [(1.0, 0.0), (0.1, 0.2)] + [(0.5, 0.0)] * 3
+    mean, std = (torch.tensor(x).view(1, 3, 1, 1) for x in NORMALIZATION["cifar10"])
+    for v in views:
+        assert torch.allclose(v, ((0.5 - mean) / std).expand_as(v), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -343,3 +343,12 @@ def test_a_folder_given_as_checkpoint_is_refused_with_the_file_to_give(tmp_path)
     with pytest.raises(CheckpointError, match=rf"is a folder; give the checkpoint file such as "
                                               rf"{re.escape(str(tmp_path / 'checkpoint.pth'))}\.$"):
         load_checkpoint(tmp_path)
+
+
+def test_a_missing_checkpoint_and_a_broken_link_are_told_apart(tmp_path):
+    with pytest.raises(CheckpointError, match=r"^checkpoint .*gone\.pth does not exist; check the path \(runs write "
+                                              r"<output_dir>/checkpoint\.pth\)\.$"):
+        load_checkpoint(tmp_path / "gone.pth")
+    (tmp_path / "link.pth").symlink_to(tmp_path / "gone.pth")
+    with pytest.raises(CheckpointError, match=r"^checkpoint .*link\.pth is a broken link; check the path"):
+        load_checkpoint(tmp_path / "link.pth")
