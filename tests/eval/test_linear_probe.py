@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import KeyedRows, record_step_lrs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -308,3 +309,78 @@ def test_full_probe_head_starts_from_small_random_weights_and_zero_bias(monkeypa
     weight, bias = calls[0]["init"]
     assert weight.shape == (40, 256) and 0.0097 < weight.std().item() < 0.0103  # 10,240 draws: +-0.0001
     assert abs(weight.mean().item()) < 0.0005 and torch.equal(bias, torch.zeros(40))
+
+
+def test_top1_and_top5_accuracy_by_hand():
+    # 7 classes; each row's scores rank the classes 6, 5, 4, 3, 2, 1, 0 (class 6 first).
+    logits = torch.arange(7.0).repeat(4, 1)
+    labels = torch.tensor([6, 2, 1, 0])  # rank 1, rank 5, rank 6, rank 7
+    top1, top5 = linear_module._accuracy(logits, labels)
+    assert top1 == pytest.approx(25.0) and top5 == pytest.approx(50.0)
+    assert linear_module._accuracy(logits[:, :3], torch.tensor([2, 2, 0, 1])) == pytest.approx((50.0, 100.0))
+
+
+def test_the_probe_optimiser_is_sgd_with_the_given_settings():
+    opt = linear_module._sgd(nn.Linear(3, 2), 0.3, 0.8, 0.01)
+    group = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.SGD)
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.3, 0.8, 0.01)
+
+
+def test_fast_probe_defaults_are_the_configs_linear_defaults():
+    import inspect
+
+    from mobyssl.config import LinearConfig, TrainConfig
+
+    d, params = LinearConfig(), inspect.signature(linear_probe_fast).parameters
+    got = {k: params[k].default for k in ("epochs", "batch_size", "lr", "lr_ref_batch", "momentum", "weight_decay",
+                                          "seed")}
+    assert got == {"epochs": d.epochs, "batch_size": d.batch_size, "lr": d.lr, "lr_ref_batch": d.lr_ref_batch,
+                   "momentum": d.momentum, "weight_decay": d.weight_decay, "seed": TrainConfig().seed}
+
+
+def _fast_run(monkeypatch, seed=0, global_seed=0):
+    """A fast probe over 10 samples (label = sample index) in batches of 4 for 2 epochs: the lr of each step and
+    the samples of each batch, in order."""
+    import types
+
+    used, batches = [], []
+    original = linear_module._sgd
+    monkeypatch.setattr(linear_module, "_sgd", lambda *a, **k: record_step_lrs(original(*a, **k), used))
+
+    def cross_entropy(logits, y, **kw):
+        batches.append(y.tolist())
+        return F.cross_entropy(logits, y, **kw)
+
+    monkeypatch.setattr(linear_module, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    torch.manual_seed(global_seed)  # the probe's shuffling must not depend on it
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(1))
+    linear_probe_fast(x, torch.arange(10), x, torch.arange(10), num_classes=10, epochs=2, batch_size=4, lr=0.3,
+                      lr_ref_batch=64, momentum=0.8, seed=seed)
+    return [u[0] for u in used], batches
+
+
+def test_fast_probe_lr_schedule_batches_and_seeded_shuffling(monkeypatch):
+    lrs, batches = _fast_run(monkeypatch)
+    base = 0.3 * 4 / 64
+    assert lrs == pytest.approx([0.5 * base * (1 + math.cos(math.pi * t / 6)) for t in range(6)], rel=1e-12)
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]  # 3 batches per epoch, the last one short
+    for epoch in (batches[:3], batches[3:]):
+        assert sorted(sum(epoch, [])) == list(range(10))  # every sample once per epoch
+    assert sum(batches[:3], []) != list(range(10)) and batches[:3] != batches[3:]  # shuffled, anew each epoch
+    assert _fast_run(monkeypatch, global_seed=5)[1] == batches  # the order depends on the probe's seed only
+    assert _fast_run(monkeypatch, seed=1)[1] != batches
+
+
+def test_fast_probe_logs_five_times_with_the_epoch_and_loss():
+    x, y = _separable(4, dim=4)
+    lines: list[str] = []
+    linear_probe_fast(x, y, x, y, num_classes=3, epochs=15, batch_size=4, log=lines.append)
+    assert [line.split("  loss ")[0] for line in lines] == [f"linear (fast) epoch {e}/15" for e in (3, 6, 9, 12, 15)]
+    assert all(float(line.split("  loss ")[1]) > 0 for line in lines)
+    lines.clear()
+    linear_probe_fast(x, y, x, y, num_classes=3, epochs=12, batch_size=4, log=lines.append)  # every 12 // 5 = 2
+    assert [line.split("  loss ")[0] for line in lines] == [f"linear (fast) epoch {e}/12" for e in range(2, 13, 2)]
+    lines.clear()
+    linear_probe_fast(x, y, x, y, num_classes=3, epochs=3, batch_size=4, log=lines.append)
+    assert [line.split("  loss ")[0] for line in lines] == [f"linear (fast) epoch {e}/3" for e in (1, 2, 3)]

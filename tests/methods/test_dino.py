@@ -458,8 +458,13 @@ def test_momentum_at_is_dinos_schedule_for_the_step_just_taken():
 
 def test_on_step_end_moves_teacher_backbone_and_head_by_the_momentum():
     torch.manual_seed(0)
-    m = _dino(momentum=0.9).double()
+    m = _dino(momentum=0.9, use_bn_in_head=True).double()
     _perturb(m)  # student and teacher differ everywhere, the frozen magnitudes g included
+    with torch.no_grad():  # and so do the heads' BatchNorm statistics
+        for b in m.student_head.buffers():
+            b.add_(1)
+    teacher_buffers = [b.clone() for b in m.teacher_head.buffers()]
+    assert len(teacher_buffers) == 6  # 2 BatchNorms: running mean, variance, count
     pairs = {"backbone": (m.student, m.teacher), "head": (m.student_head, m.teacher_head)}
     online = {k: {n: p.clone() for n, p in o.named_parameters()} for k, (o, _) in pairs.items()}
     target = {k: {n: p.clone() for n, p in t.named_parameters()} for k, (_, t) in pairs.items()}
@@ -492,6 +497,8 @@ def test_on_step_end_moves_teacher_backbone_and_head_by_the_momentum():
     for (s, t), old in zip(named, before):
         assert torch.allclose(t, mom * old + (1 - mom) * s, rtol=0, atol=1e-12)
         assert not torch.allclose(t, old, rtol=0, atol=1e-4)
+    # Parameters only: BatchNorm statistics are not averaged (DINO's EMA zips the parameters).
+    assert all(torch.equal(a, b) for a, b in zip(teacher_buffers, m.teacher_head.buffers()))
 
 
 # ---------------------------------------------------------------------------------------------------------------

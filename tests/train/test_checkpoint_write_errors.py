@@ -178,3 +178,48 @@ def test_free_space_that_cannot_be_read_is_left_out_of_the_message(tmp_path, mon
 def test_a_write_error_built_without_detail_shows_none():
     assert str(CheckpointWriteError(errno.EIO, "Input/output error", "f.pth")) == \
         f"cannot write f.pth: Input/output error{_FIX}"
+
+
+def _torch_save_that_hides_the_oserror(method: str):
+    """A ``torch.save`` like the C++ writers of some PyTorch versions: the stream's OSError (from ``write`` or
+    ``flush``) becomes a RuntimeError that neither names nor chains it."""
+
+    def save(obj, f, *a, **kw):
+        failed = []
+        for call in (lambda: f.write(b"first"), lambda: f.write(b"second")) if method == "write" else (f.flush,):
+            try:
+                call()
+            except OSError:
+                failed.append(True)
+        if failed:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . something went wrong")
+
+    return save
+
+
+@pytest.mark.parametrize("method", ["write", "flush"])
+def test_a_disk_error_hidden_by_torch_is_recovered_from_the_stream(tmp_path, monkeypatch, method):
+    calls = []
+
+    class FailingFile(io.FileIO):
+        """Its stream fails: first with ENOSPC, then with EIO (write); once, with ENOSPC (flush)."""
+
+        def write(self, data):
+            calls.append("write")
+            raise OSError(errno.ENOSPC, "No space left on device") if calls.count("write") == 1 else \
+                OSError(errno.EIO, "Input/output error")
+
+        def flush(self):
+            calls.append("flush")
+            if method == "flush" and calls.count("flush") == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "open", lambda file, mode="r", *a, **k: FailingFile(file, mode.replace("b", "")),
+                        raising=False)
+    monkeypatch.setattr(ckpt_mod.torch, "save", _torch_save_that_hides_the_oserror(method))
+    _free(monkeypatch, 512)
+    with pytest.raises(CheckpointWriteError) as e:
+        save_checkpoint(_state(), tmp_path / "c.pth")
+    assert e.value.errno == errno.ENOSPC  # the first error of the stream, not a later one
+    assert str(e.value) == f"cannot write {tmp_path / 'c.pth'}: No space left on device (512 B free in {tmp_path}){_FIX}"
+    assert isinstance(e.value.original, RuntimeError)
