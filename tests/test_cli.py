@@ -290,10 +290,12 @@ def test_config_schema_is_json_with_each_methods_options_and_bounds(capsys):
     assert code == 0
     schema = json.loads(out)
     method = schema["properties"]["method"]["oneOf"]
-    assert len(method) == 1
-    moby = schema["$defs"][method[0]["$ref"].rsplit("/", 1)[1]]
-    assert moby["properties"]["name"]["const"] == "moby"
-    assert moby["properties"]["queue_size"]["minimum"] == 1
+    options = {d["properties"]["name"]["const"]: d for d in (schema["$defs"][m["$ref"].rsplit("/", 1)[1]]
+                                                             for m in method)}
+    assert set(options) == {"moby", "dino"}  # one entry per registered method, told apart by method.name
+    assert options["moby"]["properties"]["queue_size"]["minimum"] == 1
+    assert "queue_size" not in options["dino"]["properties"]
+    assert options["dino"]["properties"]["teacher_temp"]["exclusiveMinimum"] == 0
     train = schema["$defs"]["TrainConfig"]["properties"]
     assert train["lr"]["exclusiveMinimum"] == 0 and train["min_lr"]["minimum"] == 0
     assert set(schema["$defs"]["AugConfig"]["properties"]) >= {"crop_scale", "blur_prob"}
