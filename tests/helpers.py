@@ -65,14 +65,30 @@ class KeyedRows(torch.utils.data.Dataset):
 
 def record_step_lrs(opt, used: list):
     """Make ``opt.step()`` first append the lr of every param group to ``used``; returns ``opt``."""
+    return record_step_groups(opt, used, "lr")
+
+
+def record_step_groups(opt, used: list, key: str):
+    """Make ``opt.step()`` first append every param group's ``key`` (lr, weight_decay) to ``used``; returns ``opt``."""
     step = opt.step
 
     def recorded(*args, **kwargs):
-        used.append([g["lr"] for g in opt.param_groups])
+        used.append([g[key] for g in opt.param_groups])
         return step(*args, **kwargs)
 
     opt.step = recorded
     return opt
+
+
+def random_bn_stats(monkeypatch):
+    """Every BatchNorm built from here on starts with its own random statistics (not 0 / 1 / 0)."""
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean.normal_()
+            self.running_var.uniform_(0.5, 2.0)
+            self.num_batches_tracked.random_(1, 1000)
+
+    monkeypatch.setattr(torch.nn.modules.batchnorm._NormBase, "reset_running_stats", reset_running_stats)
 
 
 def tinted_split(root: Path, per_class: int, seed: int, bad: tuple[str, ...] = ()) -> Path:

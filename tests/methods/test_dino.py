@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from helpers import random_bn_stats
 from PIL import Image
 from torch import nn
 from torchvision import transforms as T
@@ -90,17 +91,6 @@ def _dino_cfg(tmp_path, *overrides):
                                       "model.kwargs={depth: 1}", f"output_dir={tmp_path / 'run'}", *overrides])
 
 
-def _random_bn_stats(monkeypatch):
-    """Every BatchNorm built from here on starts with its own random statistics (not 0 / 1 / 0)."""
-    def reset_running_stats(self):
-        if self.track_running_stats:
-            self.running_mean.normal_()
-            self.running_var.uniform_(0.5, 2.0)
-            self.num_batches_tracked.random_(1, 1000)
-
-    monkeypatch.setattr(nn.modules.batchnorm._NormBase, "reset_running_stats", reset_running_stats)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Construction
 
@@ -145,7 +135,7 @@ def test_constructor_defaults_are_dinos():
 def test_teacher_starts_as_exact_copy_of_the_student_parameters_and_buffers(monkeypatch):
     # Every BatchNorm starts with its own random statistics, so equal buffers prove they were copied; the teacher
     # is built from a fresh random init, so equal parameters prove they were copied too.
-    _random_bn_stats(monkeypatch)
+    random_bn_stats(monkeypatch)
     torch.manual_seed(0)
     m = _dino(use_bn_in_head=True, drop_path_rate=0.2, teacher_drop_path_rate=0.0)
     for student, teacher in ((m.student, m.teacher), (m.student_head, m.teacher_head)):

@@ -3,6 +3,7 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import random_bn_stats
 from torch import nn
 
 from mobyssl.methods import MoBY, get_method
@@ -67,21 +68,10 @@ def test_constructor_defaults_are_the_papers():
     assert m.criterion.temperature == 0.2 and m.base_momentum == 0.99
 
 
-def _random_bn_stats(monkeypatch):
-    """Every BatchNorm built from here on starts with its own random statistics (not 0 / 1 / 0)."""
-    def reset_running_stats(self):
-        if self.track_running_stats:
-            self.running_mean.normal_()
-            self.running_var.uniform_(0.5, 2.0)
-            self.num_batches_tracked.random_(1, 1000)
-
-    monkeypatch.setattr(nn.modules.batchnorm._NormBase, "reset_running_stats", reset_running_stats)
-
-
 def test_target_starts_as_exact_copy_of_online_parameters_and_buffers(monkeypatch):
     # With default BatchNorm statistics (0, 1, 0) a copy of the parameters alone would look like a full copy:
     # every BatchNorm here starts with different random statistics, so equal buffers prove they were copied.
-    _random_bn_stats(monkeypatch)
+    random_bn_stats(monkeypatch)
     torch.manual_seed(0)
     m = _moby(_swin_bn, drop_path_rate=0.2, target_drop_path_rate=0.0)
     for online, target in ((m.encoder, m.encoder_target), (m.projector, m.projector_target)):

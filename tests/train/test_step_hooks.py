@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import metrics_records
+from helpers import metrics_records, record_step_groups
 from torch import nn
 
 from mobyssl.methods import MoBY
@@ -40,18 +40,8 @@ def test_optimizer_decays_its_decayed_group_on_the_schedule(tiny_cfg, monkeypatc
     used = []
     original = trainer.build_adamw
 
-    def recording(*a, **k):
-        opt = original(*a, **k)
-        step = opt.step
-
-        def recorded(*args, **kwargs):
-            used.append([g["weight_decay"] for g in opt.param_groups])
-            return step(*args, **kwargs)
-
-        opt.step = recorded
-        return opt
-
-    monkeypatch.setattr(trainer, "build_adamw", recording)
+    monkeypatch.setattr(trainer, "build_adamw", lambda *a, **k: record_step_groups(original(*a, **k), used,
+                                                                                  "weight_decay"))
     pretrain(cfg)
     total = 1000 // 32  # the bundled sample's 1,000 images in batches of 32: the schedule's full length
     assert [u[0] for u in used] == pytest.approx([expected_wd(i, 0.04, 0.4, total) for i in range(4)], rel=1e-12)
