@@ -352,3 +352,29 @@ def test_a_missing_checkpoint_and_a_broken_link_are_told_apart(tmp_path):
     (tmp_path / "link.pth").symlink_to(tmp_path / "gone.pth")
     with pytest.raises(CheckpointError, match=r"^checkpoint .*link\.pth is a broken link; check the path"):
         load_checkpoint(tmp_path / "link.pth")
+
+
+class _NotATensor:
+    pass
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_without_loading_them(tmp_path):
+    torch.save({"global_step": 1, "thing": _NotATensor()}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match=r"holds Python objects other than tensors, numbers and plain "
+                                              r"containers, which are not loaded \(that could run code\)"):
+        load_checkpoint(tmp_path / "c.pth")
+
+
+def test_a_checkpoint_whose_folder_is_gone_is_a_write_error_naming_it(tmp_path):
+    with pytest.raises(CheckpointWriteError) as e:  # open() fails before anything is written
+        save_checkpoint({"global_step": 1}, tmp_path / "gone" / "c.pth")
+    assert e.value.errno == errno.ENOENT and str(tmp_path / "gone" / "c.pth") in str(e.value)
+
+
+def test_a_folder_that_cannot_be_synced_is_not_an_error(tmp_path, monkeypatch):
+    def refuse(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(ckpt_mod.os, "fsync", refuse)
+    ckpt_mod._fsync_dir(tmp_path)  # some filesystems cannot fsync a folder: skipped
+    ckpt_mod._fsync_dir(tmp_path / "gone")
