@@ -5,7 +5,9 @@ the fraction of a given peak, and peak device memory. Eager and compiled model-o
 in the same process so their ratio is honest.
 
     python benchmarks/throughput.py                                  # Swin-T and DeiT-S at 224, GPU
-    python benchmarks/throughput.py --backbones swin_tiny --batch 128 --compile
+    python benchmarks/throughput.py --backbones swin_tiny --batch 64 128 256 --compile
+    python benchmarks/throughput.py --backbones deit_small --batch 128 --compile --e2e-images 3072 \
+        --profile-dir prof                                           # + torch.profiler tables per mode
     python benchmarks/throughput.py --device cpu --backbones vit_nano_patch4_32 --image-size 32 \\
         --batch 16 --steps 3 --warmup 1 --e2e-images 64               # smoke test on a CPU
 """
@@ -44,9 +46,9 @@ def make_jpeg_zip(path: str, n: int, size=(500, 375)) -> None:
             z.writestr(f"class{i % 10}/{i:06d}.jpg", buf.getvalue())
 
 
-def _setup(args, backbone, device, extra=()):
+def _setup(args, backbone, device, batch, extra=()):
     cfg = load_config("moby_swin_tiny_in1k", [f"model.backbone={backbone}", f"data.image_size={args.image_size}",
-                                              f"train.batch_size={args.batch}", f"method.queue_size={args.batch * 16}",
+                                              f"train.batch_size={batch}", f"method.queue_size={batch * 16}",
                                               *extra])
     method = build_method(cfg).to(device).train()
     opt = build_adamw(method.trainable_modules(), 1e-4, 0.05, (0.9, 0.999), device)
@@ -68,9 +70,26 @@ def _count_flops(model, views, opt, scaler, amp) -> float:
     return counter.get_total_flops()
 
 
-def model_only(args, backbone, device, compile_: bool) -> dict:
-    cfg, method, opt, amp, scaler = _setup(args, backbone, device)
-    views = [torch.randn(args.batch, 3, args.image_size, args.image_size, device=device) for _ in range(2)]
+def _profile(args, name: str, step) -> None:
+    """A few steps under torch.profiler; the top kernels by device time go to <profile-dir>/<name>.txt."""
+    if not args.profile_dir:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    os.makedirs(args.profile_dir, exist_ok=True)
+    with open(os.path.join(args.profile_dir, f"{name}.txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
+
+
+def model_only(args, backbone, device, batch: int, compile_: bool) -> dict:
+    cfg, method, opt, amp, scaler = _setup(args, backbone, device, batch)
+    views = [torch.randn(batch, 3, args.image_size, args.image_size, device=device) for _ in range(2)]
     flops = _count_flops(method, views, opt, scaler, amp)
     model = torch.compile(method) if compile_ else method
     for _ in range(args.warmup):
@@ -86,49 +105,65 @@ def model_only(args, backbone, device, compile_: bool) -> dict:
     _sync(device)
     dt = (time.perf_counter() - t0) / args.steps
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"img_s": args.batch / dt, "tflops": flops / dt / 1e12, "mem_gib": mem}
+
+    def one_step():
+        train_step(model, views, opt, scaler, 1e-4, 5.0, amp)
+        method.on_step_end(2, 100)
+
+    _profile(args, f"{backbone}_b{batch}_model_{'compiled' if compile_ else 'eager'}", one_step)
+    return {"img_s": batch / dt, "tflops": flops / dt / 1e12, "mem_gib": mem}
 
 
-def end_to_end(args, backbone, device, zip_path: str, pipeline: str) -> dict:
-    cfg, method, opt, amp, scaler = _setup(args, backbone, device, [f"data.train={zip_path}", "data.test=null",
-                                                                      f"data.num_workers={args.workers}",
-                                                                      f"data.pipeline={pipeline}"])
+def end_to_end(args, backbone, device, batch: int, zip_path: str, pipeline: str, compile_: bool) -> dict:
+    cfg, method, opt, amp, scaler = _setup(args, backbone, device, batch, [
+        f"data.train={zip_path}", "data.test=null", f"data.num_workers={args.workers}", f"data.pipeline={pipeline}"])
+    model = torch.compile(method) if compile_ else method
     dataset = build_train_dataset(cfg)
-    sampler = GlobalBatchSampler(len(dataset), args.batch, yield_epoch=True)
+    sampler = GlobalBatchSampler(len(dataset), batch, yield_epoch=True)
     if pipeline != "cpu":
         from mobyssl.build import device_loader
 
-        loader = device_loader(cfg, dataset.dataset, sampler, args.batch, device)
+        loader = device_loader(cfg, dataset.dataset, sampler, batch, device)
     else:
-        loader = make_loader(dataset, args.batch, args.workers, device, drop_last=True, sampler=sampler)
-    seen, t0, step = 0, None, 0
-    for epoch in range(1000):
-        sampler.set_epoch(epoch)
-        for views, _, _ in loader:
-            views = [v.to(device, non_blocking=True) for v in views]
-            train_step(method, views, opt, scaler, 1e-4, 5.0, amp)
-            method.on_step_end(step + 1, 10_000)
-            step += 1
-            if step == args.warmup:
-                _sync(device)
-                t0 = time.perf_counter()
-            elif step > args.warmup:
-                seen += args.batch
-            if step >= args.warmup + args.steps:
-                _sync(device)
-                return {"img_s": seen / (time.perf_counter() - t0)}
-    raise RuntimeError("not enough images for the requested steps")
+        loader = make_loader(dataset, batch, args.workers, device, drop_last=True, sampler=sampler)
+
+    def batches():
+        for epoch in range(1000):
+            sampler.set_epoch(epoch)
+            yield from loader
+
+    stream = batches()
+
+    def one_step(step=0):
+        views, _, _ = next(stream)
+        views = [v.to(device, non_blocking=True) for v in views]
+        train_step(model, views, opt, scaler, 1e-4, 5.0, amp)
+        method.on_step_end(step + 1, 10_000)
+
+    for step in range(args.warmup):
+        one_step(step)
+    _sync(device)
+    t0 = time.perf_counter()
+    for step in range(args.warmup, args.warmup + args.steps):
+        one_step(step)
+    _sync(device)
+    img_s = batch * args.steps / (time.perf_counter() - t0)
+    _profile(args, f"{backbone}_b{batch}_e2e_{pipeline}_{'compiled' if compile_ else 'eager'}", one_step)
+    return {"img_s": img_s}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbones", nargs="+", default=["swin_tiny", "deit_small"])
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, nargs="+", default=[128], help="per-GPU batch sizes, one row each")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile (model-only)")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile (model-only and end to end)")
+    p.add_argument("--pipelines", nargs="+", default=["cpu", "gpu_decode", "gpu_resident"],
+                   choices=["cpu", "gpu_decode", "gpu_resident"], help="end-to-end pipelines to measure")
+    p.add_argument("--profile-dir", help="write a torch.profiler table (top 40 kernels) per measurement here")
     p.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 matrix peak for the fraction column")
     p.add_argument("--e2e-images", type=int, default=0, help="also run end to end on this many generated JPEGs")
     p.add_argument("--e2e-zip", help="end to end on this zip of JPEGs instead of generated ones")
@@ -138,23 +173,26 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()}"
     print(f"| date | device | torch | backbone | batch | mode | img/s | TFLOP/s | % of {args.peak_tflops:g} | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    row = f"| {datetime.date.today()} | {name} | {torch.__version__} | {{}} | {args.batch} | {{}} | {{:.0f}} | {{}} | {{}} | {{}} |"
+    row = f"| {datetime.date.today()} | {name} | {torch.__version__} | {{}} | {{}} | {{}} | {{:.0f}} | {{}} | {{}} | {{}} |"
     zip_path = args.e2e_zip
     if args.e2e_images and not zip_path:
         zip_path = os.path.join(tempfile.mkdtemp(), "jpegs.zip")
         make_jpeg_zip(zip_path, args.e2e_images)
+    labels = {"cpu": "CPU workers", "gpu_decode": "device decode + augmentation",
+              "gpu_resident": "resident uint8 + device augmentation"}
+    modes = [False, True] if args.compile else [False]
     for backbone in args.backbones:
-        modes = [False, True] if args.compile else [False]
-        for c in modes:
-            r = model_only(args, backbone, device, c)
-            print(row.format(backbone, "model-only, " + ("compiled" if c else "eager"), r["img_s"], f"{r['tflops']:.1f}",
-                             f"{100 * r['tflops'] / args.peak_tflops:.1f}%", f"{r['mem_gib']:.1f}"), flush=True)
-        if zip_path:
-            for pipeline in ("cpu", "gpu_decode", "gpu_resident"):
-                r = end_to_end(args, backbone, device, zip_path, pipeline)
-                print(row.format(backbone, "end to end, " + {"cpu": "CPU workers", "gpu_decode": "device decode + augmentation",
-                                                   "gpu_resident": "resident uint8 + device augmentation"}[pipeline], r["img_s"], "-", "-", "-"), flush=True)
-
+        for batch in args.batch:
+            for c in modes:
+                r = model_only(args, backbone, device, batch, c)
+                print(row.format(backbone, batch, "model-only, " + ("compiled" if c else "eager"), r["img_s"],
+                                 f"{r['tflops']:.1f}", f"{100 * r['tflops'] / args.peak_tflops:.1f}%",
+                                 f"{r['mem_gib']:.1f}"), flush=True)
+            for pipeline in args.pipelines if zip_path else ():
+                for c in modes:
+                    r = end_to_end(args, backbone, device, batch, zip_path, pipeline, c)
+                    print(row.format(backbone, batch, f"end to end, {labels[pipeline]}, "
+                                     + ("compiled" if c else "eager"), r["img_s"], "-", "-", "-"), flush=True)
 
 if __name__ == "__main__":
     main()
