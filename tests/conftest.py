@@ -43,6 +43,17 @@ def tiny_cfg(tmp_path):
     return make
 
 
+@pytest.fixture
+def float64():
+    """float64 as the default dtype for the test, restored after it."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
+
+
 def pytest_collection_modifyitems(config, items):
     _fastest_first_under_mutmut(items)
     if torch.cuda.is_available():

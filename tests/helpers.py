@@ -102,3 +102,35 @@ def tinted_split(root: Path, per_class: int, seed: int, bad: tuple[str, ...] = (
     for name in bad:
         (root / name).write_bytes(b"\x89PNG\r\n\x1a\n but cut short")
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Golden trajectories (tests/methods/test_*_golden.py)
+
+GOLDEN_TOL = 1e-10
+
+
+def check_golden(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = GOLDEN_TOL) -> None:
+    """``|actual - expected| <= tol * max(1, |expected|)`` elementwise (absolute up to 1, relative above); integer
+    tensors must be equal; dtype and shape must match."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, \
+        f"{what}: {actual.dtype} {tuple(actual.shape)} != golden {expected.dtype} {tuple(expected.shape)}"
+    if not expected.is_floating_point():
+        assert torch.equal(actual, expected), f"{what}: {actual} != golden {expected}"
+        return
+    err = (actual - expected).abs()
+    bound = tol * expected.abs().clamp_min(1.0)
+    assert torch.isfinite(actual).all() and (err <= bound).all(), \
+        f"{what}: max |error| {err.max().item():.3g} (golden max |value| {expected.abs().max().item():.3g})"
+
+
+def check_golden_dict(actual: dict, expected: dict, what: str, loose: dict[str, float] | None = None) -> None:
+    """Same keys, and :func:`check_golden` for each; ``loose`` maps regular expressions of keys to a wider
+    tolerance (values that are rounding noise by construction, each justified where the golden file is made)."""
+    import re
+
+    assert set(actual) == set(expected), \
+        f"{what}: keys missing {sorted(set(expected) - set(actual))}, unexpected {sorted(set(actual) - set(expected))}"
+    for k in expected:
+        tol = max([t for pattern, t in (loose or {}).items() if re.search(pattern, k)], default=GOLDEN_TOL)
+        check_golden(actual[k], expected[k], f"{what}[{k}]", tol)

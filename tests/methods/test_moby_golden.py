@@ -28,46 +28,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_golden as _check
+from helpers import check_golden_dict as _check_dict
 
 _spec = importlib.util.spec_from_file_location("make_golden", Path(__file__).parent / "golden" / "make_golden.py")
 golden = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(golden)
 
-TOL = 1e-10
 NAMES = sorted(golden.BACKBONES)
-
-
-@pytest.fixture
-def float64():
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(default)
 
 
 def _load(name):
     return torch.load(golden.golden_path(name), weights_only=True)
-
-
-def _check(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, \
-        f"{what}: {actual.dtype} {tuple(actual.shape)} != golden {expected.dtype} {tuple(expected.shape)}"
-    if not expected.is_floating_point():
-        assert torch.equal(actual, expected), f"{what}: {actual} != golden {expected}"
-        return
-    err = (actual - expected).abs()
-    bound = TOL * expected.abs().clamp_min(1.0)
-    assert torch.isfinite(actual).all() and (err <= bound).all(), \
-        f"{what}: max |error| {err.max().item():.3g} (golden max |value| {expected.abs().max().item():.3g})"
-
-
-def _check_dict(actual: dict, expected: dict, what: str) -> None:
-    assert set(actual) == set(expected), \
-        f"{what}: keys missing {sorted(set(expected) - set(actual))}, unexpected {sorted(set(actual) - set(expected))}"
-    for k in expected:
-        _check(actual[k], expected[k], f"{what}[{k}]")
 
 
 @pytest.mark.parametrize("name", NAMES)
