@@ -19,6 +19,10 @@ from mobyssl.config import (
 )
 
 SHIPPED = [
+    "dino_quickstart",
+    "dino_vit_small_in1k",
+    "esvit_quickstart",
+    "esvit_swin_tiny_in1k",
     "moby_deit_small_in1k",
     "moby_swin_cifar10",
     "moby_swin_tiny_bn_in1k",
@@ -153,6 +157,40 @@ def test_paper_recipe_defaults():
     assert c.model.backbone == "swin_tiny_patch4_window7_224"
     # The recipe's floats are floats, not YAML strings.
     assert isinstance(t.lr, float) and isinstance(t.warmup_lr, float)
+
+
+def test_dino_recipe_is_main_dino_defaults():
+    """../shared/specs/dino-esvit.md section 1: the official defaults (ViT-S/16, 8 x 64)."""
+    c = load_config("dino_vit_small_in1k")
+    t, m = c.train, c.method
+    assert m.name == "dino" and c.model.backbone == "vit_small_patch16_224"
+    assert (m.out_dim, m.hidden_dim, m.bottleneck_dim, m.head_layers) == (65536, 2048, 256, 3)
+    assert m.norm_last_layer and not m.use_bn_in_head and m.momentum == pytest.approx(0.996)
+    assert (m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs) == (0.04, 0.04, 0)
+    assert (m.student_temp, m.center_momentum, m.freeze_last_layer) == (0.1, 0.9, 1)
+    assert (m.local_crops_number, m.local_crop_size) == (8, 96) and c.data.image_size == 224
+    assert m.global_crop_scale == [0.4, 1.0] and m.local_crop_scale == [0.05, 0.4]
+    assert (t.epochs, t.warmup_epochs, t.batch_size) == (100, 10, 512)
+    assert t.lr == pytest.approx(5e-4) and t.lr_ref_batch == 256 and t.warmup_lr == 0.0
+    assert t.min_lr * t.batch_size / t.lr_ref_batch == pytest.approx(1e-6)  # DINO's unscaled min_lr at batch 512
+    assert (t.weight_decay, t.weight_decay_end) == (pytest.approx(0.04), pytest.approx(0.4))
+    assert t.clip_grad == 3.0 and t.clip_mode == "per_parameter" and t.betas == [0.9, 0.999]
+    assert (c.model.drop_path_rate, c.model.target_drop_path_rate) == (0.1, 0.0)
+
+
+def test_esvit_recipe_is_the_official_swin_tiny_recipe():
+    """EsViT's README Swin-T command: norm_last_layer false, teacher temperature 0.07 after 30 warm-up epochs,
+    300 epochs, 16 x 32 images; Swin-T with LayerNorm eps 1e-6; the rest are main_esvit.py's (= DINO's) defaults."""
+    c = load_config("esvit_swin_tiny_in1k")
+    t, m = c.train, c.method
+    assert m.name == "esvit" and c.model.backbone == "swin_tiny_patch4_window7_224"
+    assert c.model.kwargs == {"layer_norm_eps": 1e-6} and c.model.drop_path_rate == 0.1
+    assert not m.norm_last_layer and (m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs) == (
+        0.04, 0.07, 30)
+    assert m.out_dim == 65536 and (m.local_crops_number, m.local_crop_size) == (8, 96)
+    assert (t.epochs, t.batch_size, t.warmup_epochs) == (300, 512, 10)
+    assert t.lr * t.batch_size / t.lr_ref_batch == pytest.approx(1e-3)  # the recipe's peak lr
+    assert t.clip_mode == "per_parameter" and t.weight_decay_end == pytest.approx(0.4)
 
 
 def test_dataclass_defaults_match_paper_recipe():

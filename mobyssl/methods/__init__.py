@@ -2,7 +2,8 @@
 
 from .base import Method
 from .dino import DINO
+from .esvit import EsViT
 from .moby import MoBY
 from .registry import METHODS, get_method, register_method
 
-__all__ = ["DINO", "Method", "MoBY", "METHODS", "get_method", "register_method"]
+__all__ = ["DINO", "EsViT", "Method", "MoBY", "METHODS", "get_method", "register_method"]

@@ -77,17 +77,23 @@ def teacher_temperatures(warmup_temp: float, temp: float, warmup_epochs: int, ep
     return np.concatenate([warm, np.full(max(epochs - warmup_epochs, 0), temp)])
 
 
-def forward_by_size(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
-    """Backbone features of every view, crop-major (row ``crop * B + b``); consecutive views of the same size go
-    through the backbone together, in one pass."""
-    out, start = [], 0
+def size_groups(views: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of consecutive views of the same size (each range goes through a backbone in one
+    pass)."""
+    groups, start = [], 0
     while start < len(views):
         end = start + 1
         while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
             end += 1
-        out.append(backbone(torch.cat(views[start:end])))
+        groups.append((start, end))
         start = end
-    return torch.cat(out)
+    return groups
+
+
+def forward_by_size(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """Backbone features of every view, crop-major (row ``crop * B + b``); consecutive views of the same size go
+    through the backbone together, in one pass."""
+    return torch.cat([backbone(torch.cat(views[start:end])) for start, end in size_groups(views)])
 
 
 @register_method
@@ -101,6 +107,7 @@ class DINO(Method):
     name = "dino"
     backbone_key = "teacher"
     Options = DINOOptions
+    criterion_class = DINOLoss
 
     def __init__(self, backbone_fn: BackboneFn, drop_path_rate: float = 0.1, teacher_drop_path_rate: float = 0.0,
                  out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256, head_layers: int = 3,
@@ -114,14 +121,15 @@ class DINO(Method):
         self.freeze_last_layer = freeze_last_layer
         self.n_crops = n_crops
         self.student = backbone_fn(drop_path_rate, multi_size=n_crops > 2)
-        dim = feature_dim(self.student)
-        head = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, n_layers=head_layers, use_bn=use_bn_in_head)
-        self.student_head = DINOHead(dim, out_dim, norm_last_layer=norm_last_layer, **head)
+        self.norm_last_layer = norm_last_layer
+        self.head_args = dict(in_dim=feature_dim(self.student), out_dim=out_dim, hidden_dim=hidden_dim,
+                              bottleneck_dim=bottleneck_dim, n_layers=head_layers, use_bn=use_bn_in_head)
+        self.student_head = DINOHead(norm_last_layer=norm_last_layer, **self.head_args)
         self.teacher = backbone_fn(teacher_drop_path_rate, multi_size=n_crops > 2)
-        self.teacher_head = DINOHead(dim, out_dim, **head)
+        self.teacher_head = DINOHead(**self.head_args)  # the teacher's last layer is always norm-fixed, as DINO's
         copy_weights(self.student, self.teacher)
         copy_weights(self.student_head, self.teacher_head)
-        self.criterion = DINOLoss(out_dim, n_crops, student_temp, center_momentum)
+        self.criterion = self.criterion_class(out_dim, n_crops, student_temp, center_momentum)
         # Set per step by on_step_start (a tensor, so a compiled forward does not recompile when it changes).
         first = warmup_teacher_temp if warmup_teacher_temp_epochs > 0 else teacher_temp
         self.register_buffer("teacher_temp", torch.tensor(first), persistent=False)
@@ -132,10 +140,19 @@ class DINO(Method):
         if m.warmup_teacher_temp_epochs > cfg.train.epochs:
             raise ConfigError(f"method.warmup_teacher_temp_epochs={m.warmup_teacher_temp_epochs} is longer than "
                               f"train.epochs={cfg.train.epochs}; lower it.")
-        return cls(backbone_fn, cfg.model.drop_path_rate, cfg.model.target_drop_path_rate, m.out_dim, m.hidden_dim,
-                   m.bottleneck_dim, m.head_layers, m.use_bn_in_head, m.norm_last_layer, m.momentum, m.teacher_temp,
-                   m.warmup_teacher_temp, m.warmup_teacher_temp_epochs, m.student_temp, m.center_momentum,
-                   m.freeze_last_layer, 2 + m.local_crops_number)
+        method = cls(backbone_fn, cfg.model.drop_path_rate, cfg.model.target_drop_path_rate, m.out_dim,
+                     m.hidden_dim, m.bottleneck_dim, m.head_layers, m.use_bn_in_head, m.norm_last_layer, m.momentum,
+                     m.teacher_temp, m.warmup_teacher_temp, m.warmup_teacher_temp_epochs, m.student_temp,
+                     m.center_momentum, m.freeze_last_layer, 2 + m.local_crops_number)
+        patch = getattr(getattr(method.student, "patch_embed", None), "patch_size", None)
+        patch = int(patch[0]) if isinstance(patch, (tuple, list)) else patch
+        if m.local_crops_number and patch and m.local_crop_size % patch:
+            lower, upper = max(m.local_crop_size // patch, 1) * patch, -(-m.local_crop_size // patch) * patch
+            raise ConfigError(f"method.local_crop_size={m.local_crop_size} is not a multiple of the patch size {patch} "
+                              f"of backbone '{cfg.model.backbone}' (model.backbone): the local crops would not tile "
+                              f"into patches. Use method.local_crop_size={lower}" + (f" or {upper}." if upper != lower
+                                                                                     else "."))
+        return method
 
     @staticmethod
     def crops(cfg) -> MultiCrop:
@@ -177,17 +194,25 @@ class DINO(Method):
         temps = teacher_temperatures(warmup_temp, temp, warmup_epochs, epochs)
         self.teacher_temp.fill_(float(temps[min(step // max(steps_per_epoch, 1), len(temps) - 1)]))
 
+    def student_heads(self) -> list[nn.Module]:
+        """The heads whose last layer ``freeze_last_layer`` holds still."""
+        return [self.student_head]
+
     def on_after_backward(self, epoch: int) -> None:
         if epoch < self.freeze_last_layer:
-            for name, p in self.student_head.named_parameters():
-                if "last_layer" in name:
-                    p.grad = None
+            for head in self.student_heads():
+                for name, p in head.named_parameters():
+                    if "last_layer" in name:
+                        p.grad = None
+
+    def _check_views(self, views: list[torch.Tensor]) -> None:
+        if len(views) != self.n_crops:
+            raise ValueError(f"{type(self).__name__} was built for {self.n_crops} crops (2 global + "
+                             f"method.local_crops_number), got {len(views)} views")
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``views``: the 2 global crops, then the local crops, each ``(B, 3, H_i, W_i)``."""
-        if len(views) != self.n_crops:
-            raise ValueError(f"DINO was built for {self.n_crops} crops (2 global + method.local_crops_number), "
-                             f"got {len(views)} views")
+        self._check_views(views)
         student_out = self.student_head(forward_by_size(self.student, views))
         with torch.no_grad():
             teacher_out = self.teacher_head(forward_by_size(self.teacher, views[:2]))

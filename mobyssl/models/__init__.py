@@ -8,9 +8,10 @@ from .backbones import (
     available_backbones,
     create_backbone,
     feature_dim,
+    patch_tokens,
     tokens_and_pooled,
 )
 from .heads import DINOHead, MLPHead
 
 __all__ = ["ALIASES", "PRESETS", "BackboneError", "TokenBatchNorm", "available_backbones",
-           "create_backbone", "feature_dim", "tokens_and_pooled", "DINOHead", "MLPHead"]
+           "create_backbone", "feature_dim", "patch_tokens", "tokens_and_pooled", "DINOHead", "MLPHead"]

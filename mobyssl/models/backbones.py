@@ -9,6 +9,7 @@ their state dicts load in timm with the same arguments.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 
 import timm
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..errors import BackboneError
 from .pos_embed import use_dino_pos_embed
+from .swin_windows import use_esvit_windows
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ PRESETS: dict[str, Preset] = {
         "swin_tiny_patch4_window7_224",
         dict(img_size=32, patch_size=2, window_size=4, embed_dim=64, depths=(2, 2, 4, 2), num_heads=(2, 4, 8, 16)),
         "A narrower Swin (embed 64, depths 2-2-4-2, 10M) for 32 px."),
+    "swin_nano_patch2_window4_32": Preset(
+        "swin_tiny_patch4_window7_224",
+        dict(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
+        "A 1.4M-parameter Swin (embed 32, depths 1-1-2-1) for CPU quickstarts and tests."),
     "vit_tiny_patch4_32": Preset(
         "vit_tiny_patch16_224", dict(img_size=32, patch_size=4),
         "ViT-Tiny (5.4M): width 192, depth 12, patch 4, 64 tokens at 32 px."),
@@ -114,11 +120,15 @@ def create_backbone(name: str, *, img_size: int | None = None, drop_path_rate: f
         drop_path_rate: stochastic depth.
         norm_before_mlp: ``"ln"`` (default) or ``"bn"`` (MoBY-1; Swin only).
         multi_size: also take inputs of other sizes than ``img_size`` (multi-crop): ViTs resample their
-            position embedding the DINO way (``pos_embed.use_dino_pos_embed``), Swins pad their windows.
-        kwargs: extra ``timm.create_model`` arguments; they override the preset's.
+            position embedding the DINO way (``pos_embed.use_dino_pos_embed``), Swins pad their maps to whole
+            windows before shifting them, the EsViT way (``swin_windows.use_esvit_windows``).
+        kwargs: extra ``timm.create_model`` arguments; they override the preset's. ``layer_norm_eps`` sets the
+            epsilon of every LayerNorm (EsViT's Swins: 1e-6; timm's Swins: 1e-5, ViTs: 1e-6).
     """
     timm_name, args = resolve_name(name)
     args.update(kwargs)
+    if "layer_norm_eps" in args:
+        args["norm_layer"] = functools.partial(nn.LayerNorm, eps=float(args.pop("layer_norm_eps")))
     if multi_size:
         args["dynamic_img_size"] = True
         if "swin" in timm_name:
@@ -135,6 +145,8 @@ def create_backbone(name: str, *, img_size: int | None = None, drop_path_rate: f
     _check_patch_grid(model, name)
     if multi_size and isinstance(model, VisionTransformer):
         use_dino_pos_embed(model)
+    if multi_size:
+        use_esvit_windows(model)
     if norm_before_mlp == "bn":
         if use_bn_before_mlp(model) == 0:
             raise BackboneError(
@@ -173,3 +185,18 @@ def tokens_and_pooled(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     """
     tokens = model.forward_features(x)
     return tokens, model.forward_head(tokens, pre_logits=True)
+
+
+def patch_tokens(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """``(B, N, C)`` patch tokens in raster order from ``model.forward_features``' output: a Swin's ``(B, H, W, C)``
+    map (or a CNN's ``(B, C, H, W)``) flattened, a ViT's ``(B, prefix + N, C)`` tokens without the class (and
+    register) tokens."""
+    if features.dim() == 4:
+        nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
+        return (features if nhwc else features.permute(0, 2, 3, 1)).flatten(1, 2)
+    if features.dim() == 3:
+        return features[:, int(getattr(model, "num_prefix_tokens", 0)):]
+    raise BackboneError(f"{type(model).__name__}.forward_features gave a {features.dim()}-d tensor "
+                        f"{tuple(features.shape)}: no token grid for a dense (per-token) method such as EsViT. "
+                        "Use a ViT or Swin backbone (model.backbone).")
+

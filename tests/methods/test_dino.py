@@ -234,6 +234,17 @@ def test_from_config_without_local_crops_builds_single_size_backbones(tmp_path):
     assert [ms for _, ms in calls] == [False, False] and m.n_crops == 2
 
 
+@pytest.mark.parametrize("size, fix", [(18, "16 or 20"), (10, "8 or 12")])
+def test_local_crops_that_do_not_tile_into_patches_are_a_config_error(tmp_path, size, fix):
+    small = ["method.out_dim=16", "method.hidden_dim=8", "method.bottleneck_dim=4", "method.local_crops_number=2"]
+    cfg = _dino_cfg(tmp_path, *small, f"method.local_crop_size={size}")
+    with pytest.raises(ConfigError, match=rf"method\.local_crop_size={size} is not a multiple of the patch size 4 .*"
+                                          rf"Use method\.local_crop_size={fix}"):
+        DINO.from_config(cfg, _backbone_fn())
+    cfg = _dino_cfg(tmp_path, *small[:3], "method.local_crops_number=0", f"method.local_crop_size={size}")
+    DINO.from_config(cfg, _backbone_fn())  # no local crops: the size is not used
+
+
 def test_warmup_longer_than_training_is_a_config_error(tmp_path):
     small = ["method.out_dim=16", "method.hidden_dim=8", "method.bottleneck_dim=4"]
     cfg = _dino_cfg(tmp_path, "train.epochs=4", "method.warmup_teacher_temp_epochs=5", *small)
