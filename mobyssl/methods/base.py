@@ -71,6 +71,11 @@ class Method(nn.Module):
         """(online, target) module pairs updated by EMA after each optimizer step."""
         return []
 
+    def collapse_signs(self, stats: dict[str, float]) -> str | None:
+        """What in one log step's statistics (``forward``'s outputs, averaged over ranks) says the representation
+        is collapsing, in a few words with the numbers; None when nothing does. The trainer warns with it."""
+        return None
+
     def check_setup(self, global_batch_size: int) -> None:
         """Raise a clear error before training if the batch size cannot work with this method."""
 

@@ -3,6 +3,8 @@ multi-crop views, with a centred and sharpened teacher."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -193,6 +195,19 @@ class DINO(Method):
         epochs = max(total_steps // max(steps_per_epoch, 1), 1)
         temps = teacher_temperatures(warmup_temp, temp, warmup_epochs, epochs)
         self.teacher_temp.fill_(float(temps[min(step // max(steps_per_epoch, 1), len(temps) - 1)]))
+
+    def collapse_signs(self, stats: dict[str, float]) -> str | None:
+        """DINO's two collapse modes (its paper, section 5.3): the student reproduces the teacher exactly
+        (``kl_teacher_student`` near 0) while the teacher's targets are uniform (entropy near log K) or all on one
+        dimension (entropy near 0)."""
+        kl, entropy = stats.get("kl_teacher_student"), stats.get("teacher_entropy")
+        if kl is None or entropy is None or kl >= 0.01:
+            return None
+        log_k = math.log(self.criterion.out_dim)
+        kind = ("uniform targets" if entropy > 0.9 * log_k else "one dimension dominates" if entropy < 0.1 * log_k
+                else "the student copies the teacher")
+        return (f"kl_teacher_student {kl:.4f} < 0.01 with teacher_entropy {entropy:.3f} (log K = {log_k:.2f}): "
+                f"{kind}; raise method.teacher_temp's warm-up or lower the lr")
 
     def student_heads(self) -> list[nn.Module]:
         """The heads whose last layer ``freeze_last_layer`` holds still."""

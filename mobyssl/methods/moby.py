@@ -86,6 +86,16 @@ class MoBY(Method):
     def trainable_modules(self):
         return [self.encoder, self.projector, self.predictor]
 
+    def collapse_signs(self, stats: dict[str, float]) -> str | None:
+        """``feature_std`` (about 1 for well-spread features, 0 when every image maps to one point) under 0.1, or
+        ``neg_sim`` (mean cosine similarity to the queue) over 0.9."""
+        std, neg = stats.get("feature_std"), stats.get("neg_sim")
+        if std is not None and std < 0.1:
+            return f"feature_std {std:.3f} < 0.1: the images map to nearly one point"
+        if neg is not None and neg > 0.9:
+            return f"neg_sim {neg:.3f} > 0.9: every image looks like every queued one"
+        return None
+
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``views``: two ``(B, 3, H, W)`` batches of the same images under the two augmentations."""
         if len(views) != 2:

@@ -102,27 +102,21 @@ class BadDataMonitor:
 
 
 class CollapseMonitor:
-    """Warns when logged statistics show a collapsed representation.
+    """Warns, at most every ``every``-th time, when the method sees collapse in the logged statistics
+    (``Method.collapse_signs``: MoBY's feature spread and queue similarity, DINO's KL and teacher entropy)."""
 
-    ``feature_std``: per-dimension std of the L2-normalised online outputs times sqrt(dim): about 1 for
-    well-spread features, 0 when every image maps to the same point. ``neg_sim``: mean cosine similarity
-    to the queue entries; near 1 when everything looks alike.
-    """
-
-    def __init__(self, min_std: float = 0.1, max_neg_sim: float = 0.9, every: int = 10):
-        self.min_std, self.max_neg_sim, self.every = min_std, max_neg_sim, every
+    def __init__(self, every: int = 10):
+        self.every = every
         self._checks = 0
 
-    def check(self, values: dict, step: int, warn) -> bool:
-        std, neg = values.get("feature_std"), values.get("neg_sim")
-        collapsed = (std is not None and std < self.min_std) or (neg is not None and neg > self.max_neg_sim)
-        if collapsed:
-            if self._checks % self.every == 0:
-                warn(f"warning: step {step}: the representation may be collapsing (feature_std {std:.3f} < "
-                     f"{self.min_std} or neg_sim {neg:.3f} > {self.max_neg_sim}). Check the lr, the momentum "
-                     "and the augmentations.")
-            self._checks += 1
-        return collapsed
+    def check(self, signs: str | None, step: int, warn) -> bool:
+        if signs is None:
+            return False
+        if self._checks % self.every == 0:
+            warn(f"warning: step {step}: the representation may be collapsing ({signs}). Check the lr, the "
+                 "momentum and the augmentations.")
+        self._checks += 1
+        return True
 
 
 class TrainingInterrupted(Exception):

@@ -369,7 +369,7 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
                             logger.log("train", global_step, epoch=round(global_step / steps_per_epoch, 3), lr=lr,
                                        **({"weight_decay": wd} if wd is not None else {}), img_per_s=img_s, skipped_steps=nonfinite.total,
                                        skipped_images=bad_data.failed, **values, **extra)
-                        collapse.check(values, global_step, progress.write)
+                        collapse.check(method.collapse_signs(values), global_step, progress.write)
                         progress.update(global_step, epoch=f"{global_step / steps_per_epoch:.2f}",
                                         loss=values["loss"], lr=lr, **{"img/s": round(img_s, 1)})
                         tick, seen = time.time(), 0

@@ -76,3 +76,15 @@ def test_accumulate_defers_buffer_writes_and_flushes_once_even_on_error():
     except RuntimeError:
         pass
     assert not toy.buffer.defer_updates and toy.buffer.flushed == 2
+
+
+def test_no_collapse_signs_by_default_and_the_monitor_warns_every_tenth_time():
+    from mobyssl.train.guards import CollapseMonitor
+
+    assert _Toy().collapse_signs({"loss": 0.0, "feature_std": 0.0, "kl_teacher_student": 0.0}) is None
+    monitor, said = CollapseMonitor(), []
+    assert monitor.check(None, 1, said.append) is False and said == []
+    for step in range(1, 22):
+        assert monitor.check("feature_std 0.010 < 0.1", step, said.append) is True
+    assert len(said) == 3 and "step 1:" in said[0] and "step 11:" in said[1] and "step 21:" in said[2]
+    assert "may be collapsing (feature_std 0.010 < 0.1)" in said[0]

@@ -541,3 +541,24 @@ def test_train_step_leaves_the_last_layer_alone_during_the_first_epoch():
         for n, p in m.student_head.named_parameters():
             changed = not torch.equal(p, before[n])
             assert changed == (moves or "last_layer" not in n), (epoch, n)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collapse
+
+@pytest.mark.parametrize("kl, entropy, kind", [
+    (0.5, 8.0, None),                                     # a healthy step: the student does not copy the teacher
+    (0.01, 10.3, None),                                   # the threshold itself is not collapse
+    (0.0099, 10.3, "uniform targets"),                    # entropy > 0.9 log K
+    (0.001, 0.05, "one dimension dominates"),
+    (0.001, 1.5, "the student copies the teacher"),
+])
+def test_collapse_signs_are_dinos_two_modes(kl, entropy, kind):
+    m = _dino()  # out_dim 32: log K = 3.466
+    entropy = min(entropy, math.log(OUT))  # the uniform case at its maximum, log K
+    signs = m.collapse_signs({"loss": 1.0, "kl_teacher_student": kl, "teacher_entropy": entropy})
+    if kind is None:
+        assert signs is None
+    else:
+        assert kind in signs and f"kl_teacher_student {kl:.4f} < 0.01" in signs and "log K = 3.47" in signs
+    assert m.collapse_signs({"loss": 1.0}) is None  # statistics not logged: nothing to say

@@ -270,3 +270,14 @@ def test_train_transform_normalises_with_the_configured_statistics(tiny_cfg):
     mean, std = NORMALIZATION["cifar10"]
     assert len(normalizers) == 2 and mean != NORMALIZATION["imagenet"][0]
     assert all(list(n.mean) == list(mean) and list(n.std) == list(std) for n in normalizers)
+
+
+@pytest.mark.parametrize("std, neg, sign", [
+    (0.5, 0.2, None), (0.1, 0.9, None),                      # healthy, and the thresholds themselves
+    (0.099, 0.2, "feature_std 0.099 < 0.1"), (0.5, 0.901, "neg_sim 0.901 > 0.9"),
+])
+def test_collapse_signs_read_the_feature_spread_and_the_queue_similarity(std, neg, sign):
+    m = _moby()
+    signs = m.collapse_signs({"loss": 1.0, "feature_std": std, "neg_sim": neg, "pos_sim": 0.9})
+    assert signs is None if sign is None else sign in signs
+    assert m.collapse_signs({"loss": 1.0}) is None

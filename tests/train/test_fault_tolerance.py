@@ -2,6 +2,7 @@
 broken image files, a read-only output directory, a checkpoint write that fails halfway."""
 
 import io
+import math
 import os
 import signal
 import subprocess
@@ -253,6 +254,29 @@ def test_collapse_is_reported(tiny_cfg, monkeypatch, capsys):
     monkeypatch.setattr(MoBY, "forward", collapsed)
     pretrain(tiny_cfg("train.max_steps=2", "train.knn_every=-1"))
     assert "may be collapsing" in capsys.readouterr().out
+
+
+def test_collapse_is_reported_by_the_method_that_trains(tiny_overrides, tmp_path, monkeypatch, capsys):
+    """The trainer asks the method: a DINO run warns from DINO's statistics (the student copying uniform targets)."""
+    from mobyssl.config import load_config
+    from mobyssl.methods import DINO
+
+    original = DINO.forward
+
+    def collapsed(self, views):
+        out = original(self, views)
+        out["kl_teacher_student"] = out["kl_teacher_student"] * 0
+        out["teacher_entropy"] = out["teacher_entropy"] * 0 + math.log(self.criterion.out_dim)
+        return out
+
+    monkeypatch.setattr(DINO, "forward", collapsed)
+    tiny = [o for o in tiny_overrides if not o.startswith("method.")]
+    pretrain(load_config("dino_quickstart", [*tiny, f"output_dir={tmp_path}/run", "method.out_dim=64",
+                                             "method.hidden_dim=32", "method.bottleneck_dim=16",
+                                             "method.local_crops_number=2", "train.max_steps=2",
+                                             "train.knn_every=-1"]))
+    out = capsys.readouterr().out
+    assert "may be collapsing (kl_teacher_student 0.0000 < 0.01" in out and "uniform targets" in out
 
 
 def test_healthy_run_logs_collapse_statistics_without_warning(tiny_cfg, capsys):
