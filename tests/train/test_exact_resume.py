@@ -12,8 +12,9 @@ from mobyssl.train.checkpoint import load_checkpoint
 from mobyssl.train.trainer import pretrain
 
 
-def _run(tiny_cfg, monkeypatch, out: Path, steps: int, workers: int, resume=False) -> dict:
-    """pretrain to ``steps``; returns {step: full-precision loss} of the steps this call trained."""
+def _run(tiny_cfg, monkeypatch, out: Path, steps: int, workers: int, resume=False, extra=True) -> dict:
+    """pretrain to ``steps``; returns {step: full-precision loss} of the steps this call trained. ``extra``: add
+    the MoBY overrides below to ``tiny_cfg``'s (False: ``tiny_cfg`` gives the whole config)."""
     losses = {}
     original = trainer.train_step
 
@@ -27,7 +28,7 @@ def _run(tiny_cfg, monkeypatch, out: Path, steps: int, workers: int, resume=Fals
     # spreads the rate linearly from 0) draws from the global RNG, so the RNG state must be resumed too.
     cfg = tiny_cfg(f"output_dir={out}", f"train.max_steps={steps}", "train.save_every_steps=2", "train.knn_every=-1",
                    f"data.num_workers={workers}", "train.batch_size=8", "method.queue_size=32",
-                   "model.drop_path_rate=0.3")
+                   "model.drop_path_rate=0.3") if extra else tiny_cfg()
     result = pretrain(cfg, resume=resume)
     assert result["global_step"] == steps
     first = steps - result["trained_steps"] + 1
@@ -70,3 +71,34 @@ def test_resume_at_step_2_gives_the_uninterrupted_run(tiny_cfg, tmp_path, monkey
             assert torch.equal(sa[key], sb[key]), key
     assert len(a["optimizer"]["state"]) == len(b["optimizer"]["state"]) > 0
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+
+
+@pytest.mark.parametrize("recipe", ["dino_quickstart", "esvit_quickstart"])
+def test_multicrop_methods_resume_at_step_2_to_the_uninterrupted_run(tiny_overrides, tmp_path, monkeypatch, recipe):
+    """DINO and EsViT: centres, teacher, the per-step weight decay and teacher temperature, 6 crops per image."""
+    from mobyssl.config import load_config
+
+    tiny = [o for o in tiny_overrides if not o.startswith(("method.", "model."))]
+
+    def cfg(out, steps):
+        return load_config(recipe, [*tiny, f"output_dir={out}", f"train.max_steps={steps}",
+                                    "train.save_every_steps=2", "train.knn_every=-1", "train.batch_size=8",
+                                    "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16",
+                                    "method.warmup_teacher_temp=0.03", "method.warmup_teacher_temp_epochs=1",
+                                    "model.drop_path_rate=0.3"])
+
+    def run(out, steps, resume=False):
+        return _run(lambda *overrides: cfg(out, steps), monkeypatch, out, steps, 0, resume, extra=False)
+
+    straight = run(tmp_path / "straight", 4)
+    first = run(tmp_path / "resumed", 2)
+    resumed = run(tmp_path / "resumed", 4, resume=True)
+    assert sorted(straight) == [1, 2, 3, 4] and sorted(first) == [1, 2] and sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step] == straight[step], (step, resumed[step], straight[step])
+    a = load_checkpoint(tmp_path / "resumed" / "checkpoint.pth")
+    b = load_checkpoint(tmp_path / "straight" / "checkpoint.pth")
+    assert set(a["method"]) == set(b["method"]) and "criterion.center" in b["method"]
+    for key, value in b["method"].items():
+        assert torch.equal(a["method"][key], value), key
+    assert b["method"]["criterion.center"].abs().max() > 0
