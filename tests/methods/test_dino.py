@@ -12,7 +12,7 @@ from mobyssl.data.transforms import NORMALIZATION
 from mobyssl.errors import ConfigError
 from mobyssl.losses import DINOLoss
 from mobyssl.methods import get_method
-from mobyssl.methods.dino import DINO, forward_by_size
+from mobyssl.methods.dino import DINO, forward_by_size, teacher_temperatures
 from mobyssl.models import create_backbone
 from mobyssl.train.optim import param_groups
 from mobyssl.train.trainer import make_scaler, train_step
@@ -226,6 +226,12 @@ def test_from_config_wires_every_option_into_the_method(tmp_path):
     assert torch.isfinite(out["loss"])
 
 
+def test_from_config_keeps_the_last_layers_norm_fixed_by_default(tmp_path):
+    cfg = _dino_cfg(tmp_path, "method.out_dim=16", "method.hidden_dim=8", "method.bottleneck_dim=4")
+    m = DINO.from_config(cfg, _backbone_fn())
+    assert cfg.method.norm_last_layer is True and not _magnitude(m.student_head).requires_grad
+
+
 def test_from_config_without_local_crops_builds_single_size_backbones(tmp_path):
     cfg = _dino_cfg(tmp_path, "method.out_dim=16", "method.hidden_dim=8", "method.bottleneck_dim=4",
                     "method.local_crops_number=0")
@@ -287,6 +293,7 @@ def test_device_transform_gives_the_same_views_from_a_uint8_batch(tmp_path, monk
         return real(images, size, scale, *args, **kw)
 
     def grey(x, aug, blur_prob, solarize_prob, generator=None):  # every pixel 0.5 before normalisation
+        assert aug == cfg.data.aug  # data.aug's colour jitter, grayscale and blur sigmas reach every view
         photometric.append((blur_prob, solarize_prob))
         return torch.full_like(x, 0.5)
 
@@ -416,6 +423,32 @@ def test_teacher_temperature_per_step_follows_the_per_epoch_schedule(warmup_epoc
         m.on_step_start(step, 50, 5)
         expected = _hand_teacher_temp(step, 5, 0.04, 0.07, warmup_epochs)
         assert m.teacher_temp.item() == pytest.approx(expected, abs=1e-12), step
+
+
+@pytest.mark.parametrize("warmup, epochs", [(0, 5), (2, 5), (5, 5), (3, 1)])
+def test_teacher_temperatures_has_one_value_per_epoch(warmup, epochs):
+    temps = teacher_temperatures(0.04, 0.07, warmup, epochs)
+    assert len(temps) == max(epochs, warmup)  # a warm-up longer than training keeps its whole ramp
+    assert temps[-1] == pytest.approx(0.07)
+    if warmup:
+        assert temps[0] == pytest.approx(0.04) and temps[warmup - 1] == pytest.approx(0.07)
+
+
+def test_teacher_temperature_with_one_step_per_epoch():
+    """One step per epoch: the epoch is the step."""
+    m = _dino(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3).double()
+    seen = []
+    for step in range(5):
+        m.on_step_start(step, 5, 1)
+        seen.append(m.teacher_temp.item())
+    assert seen == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07], abs=1e-12)
+
+
+def test_warmup_starts_at_dinos_default_temperature():
+    m = _dino(teacher_temp=0.07, warmup_teacher_temp_epochs=2)  # warmup_teacher_temp left at its default
+    assert m.teacher_temp.item() == pytest.approx(0.04, rel=1e-7)
+    m.on_step_start(0, 40, 10)
+    assert m.teacher_temp.item() == pytest.approx(0.04, rel=1e-7)
 
 
 def test_teacher_temperature_warmup_over_three_epochs_by_the_numbers():
