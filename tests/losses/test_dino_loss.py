@@ -505,3 +505,16 @@ def test_esvit_wrong_shapes_are_clear_errors():
         crit(student, teacher._replace(tokens=teacher.tokens[:, :2]), 0.07)
     with pytest.raises(ValueError, match="expected 2 \\* B = 4 rows"):
         crit(student, teacher._replace(view=teacher.view[:2]), 0.07)
+
+
+def test_width_errors_name_the_tensor_at_fault():
+    crit = DINOLoss(out_dim=5, n_crops=4)
+    with pytest.raises(ValueError, match=r"^student view outputs: expected shape \(rows, out_dim=5\), got \(8, 6\)$"):
+        crit(torch.randn(8, 6), torch.randn(4, 5), 0.04)
+    with pytest.raises(ValueError, match=r"^teacher view outputs: expected shape \(rows, out_dim=5\), got \(4, 6\)$"):
+        crit(torch.randn(8, 5), torch.randn(4, 6), 0.04)
+
+
+def test_an_empty_batch_is_an_error_not_a_nan():
+    with pytest.raises(ValueError, match="expected n_crops \\* B rows with n_crops=4, got 0 rows"):
+        DINOLoss(out_dim=5, n_crops=4)(torch.randn(0, 5), torch.randn(0, 5), 0.04)
