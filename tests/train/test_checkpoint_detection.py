@@ -203,3 +203,18 @@ def test_the_export_check_names_the_option_in_its_refusals(tmp_path):
         check_export_target(tmp_path, what="--out-file")
     with pytest.raises(RunDirError, match=r"^--backbone-out .* is a folder"):
         save_export(_bb(), tmp_path, what="--backbone-out")
+
+
+def test_load_checkpoint_never_unpickles_code_even_where_torch_is_told_to(tmp_path, monkeypatch):
+    """weights_only is passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD (and torch < 2.6's default) only change
+    the default, so a planted object is refused without running."""
+    from mobyssl.errors import CheckpointError
+    from mobyssl.train.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "planted.pth"
+    torch.save({**_train_state(), "extra": _Planted(marker)}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not marker.exists()
