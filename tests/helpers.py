@@ -80,6 +80,14 @@ def record_step_groups(opt, used: list, key: str):
     return opt
 
 
+def perturb(*modules, scale: float = 0.1) -> None:
+    """Move every parameter (frozen ones too) so that no two copies agree any more, as after some training."""
+    with torch.no_grad():
+        for module in modules:
+            for p in module.parameters():
+                p.add_(scale * torch.randn_like(p))
+
+
 def random_bn_stats(monkeypatch):
     """Every BatchNorm built from here on starts with its own random statistics (not 0 / 1 / 0)."""
     def reset_running_stats(self):

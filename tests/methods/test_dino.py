@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from helpers import random_bn_stats
+from helpers import perturb, random_bn_stats
 from PIL import Image
 from torch import nn
 from torchvision import transforms as T
@@ -46,13 +46,6 @@ def _views(n_crops=4, b=3, dtype=torch.float32):
     return ([torch.randn(b, 3, GLOBAL, GLOBAL, dtype=dtype) for _ in range(2)]
             + [torch.randn(b, 3, LOCAL, LOCAL, dtype=dtype) for _ in range(n_crops - 2)])
 
-
-def _perturb(*modules, scale=0.1):
-    """Move every parameter (frozen ones too) so that no two copies agree any more, as after some training."""
-    with torch.no_grad():
-        for module in modules:
-            for p in module.parameters():
-                p.add_(scale * torch.randn_like(p))
 
 
 def _linears(head):
@@ -361,7 +354,7 @@ def test_loss_equals_dino_loss_on_the_crop_by_crop_head_outputs():
     torch.manual_seed(0)
     m = _dino(n_crops=5, drop_path_rate=0.0, student_temp=0.2, center_momentum=0.7, teacher_temp=0.05).double()
     m.on_step_start(0, 10, 5)  # as the trainer does; sets 0.05 exactly in the float64 buffer
-    _perturb(m.teacher, m.teacher_head)  # the teacher differs from the student, as after some training
+    perturb(m.teacher, m.teacher_head)  # the teacher differs from the student, as after some training
     with torch.no_grad():
         m.criterion.center.copy_(torch.randn(1, OUT, dtype=torch.float64))
     center = m.criterion.center.clone()
@@ -465,7 +458,7 @@ def test_teacher_temperature_reaches_the_loss():
     torch.manual_seed(0)
     m = _dino(n_crops=3, drop_path_rate=0.0, warmup_teacher_temp=0.04, teacher_temp=0.07,
               warmup_teacher_temp_epochs=3).double()
-    _perturb(m.teacher, m.teacher_head, scale=0.3)
+    perturb(m.teacher, m.teacher_head, scale=0.3)
     m.eval()  # the centre stays where it is between the two forwards
     views = _views(3, b=4, dtype=torch.float64)
     student, teacher = _crop_by_crop(m, views)
@@ -493,7 +486,7 @@ def test_momentum_at_is_dinos_schedule_for_the_step_just_taken():
 def test_on_step_end_moves_teacher_backbone_and_head_by_the_momentum():
     torch.manual_seed(0)
     m = _dino(momentum=0.9, use_bn_in_head=True).double()
-    _perturb(m)  # student and teacher differ everywhere, the frozen magnitudes g included
+    perturb(m)  # student and teacher differ everywhere, the frozen magnitudes g included
     with torch.no_grad():  # and so do the heads' BatchNorm statistics
         for b in m.student_head.buffers():
             b.add_(1)

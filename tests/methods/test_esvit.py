@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import perturb
 from torch import nn
 
 from mobyssl.config import load_config
@@ -36,13 +37,6 @@ def _esvit(n_crops=4, calls=None, backbone="swin_mini_patch2_window4_32", **kw):
 def _views(n_crops=4, b=3, dtype=torch.float32):
     return ([torch.randn(b, 3, GLOBAL, GLOBAL, dtype=dtype) for _ in range(2)]
             + [torch.randn(b, 3, LOCAL, LOCAL, dtype=dtype) for _ in range(n_crops - 2)])
-
-
-def _perturb(*modules, scale=0.1):
-    with torch.no_grad():
-        for module in modules:
-            for p in module.parameters():
-                p.add_(scale * torch.randn_like(p))
 
 
 def test_registry_and_options_are_dinos_under_another_name():
@@ -136,7 +130,7 @@ def test_loss_is_esvit_loss_on_the_crop_by_crop_outputs():
     torch.manual_seed(0)
     m = _esvit(drop_path_rate=0.0, student_temp=0.2, center_momentum=0.7, teacher_temp=0.05).double()
     m.on_step_start(0, 10, 5)
-    _perturb(m.teacher, m.teacher_head, m.teacher_dense_head)
+    perturb(m.teacher, m.teacher_head, m.teacher_dense_head)
     with torch.no_grad():
         m.criterion.center.copy_(torch.randn(1, OUT, dtype=torch.float64))
         m.criterion.center_grid.copy_(torch.randn(1, OUT, dtype=torch.float64))
@@ -181,7 +175,7 @@ def test_only_the_student_backbone_and_both_student_heads_get_gradients():
 def test_on_step_end_moves_the_teacher_dense_head_by_the_momentum():
     torch.manual_seed(0)
     m = _esvit(momentum=0.9)
-    _perturb(m.student_dense_head)
+    perturb(m.student_dense_head)
     s = {k: v.clone() for k, v in m.student_dense_head.state_dict().items()}
     t = {k: v.clone() for k, v in m.teacher_dense_head.state_dict().items()}
     momentum = m.on_step_end(1, 100)["momentum"]
