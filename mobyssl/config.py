@@ -146,9 +146,11 @@ class AugConfig(Section):
     color_jitter_prob: Probability = opt(0.8, "Probability of applying the colour jitter.")
     grayscale_prob: Probability = opt(0.2, "Probability of converting a view to grayscale.")
     blur_prob: ProbabilityPair = opt(
-        [1.0, 0.1], "Gaussian blur probability for view 1 and view 2 (BYOL's asymmetric pair).")
+        [1.0, 0.1], "Gaussian blur probability for view 1 and view 2 (BYOL's asymmetric pair; DINO/EsViT: of the 2 "
+        "global crops, same values).")
     blur_sigma: OrderedPair(gt=0, le=100) = opt([0.1, 2.0], "Gaussian blur sigma range in pixels (PIL radius).")
-    solarize_prob: ProbabilityPair = opt([0.0, 0.2], "Solarize probability for view 1 and view 2.")
+    solarize_prob: ProbabilityPair = opt([0.0, 0.2], "Solarize probability for view 1 and view 2 (DINO/EsViT: of "
+                                                     "the 2 global crops).")
     flip_prob: Probability = opt(0.5, "Horizontal flip probability.")
 
     @field_validator("color_jitter")

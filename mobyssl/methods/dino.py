@@ -70,6 +70,10 @@ class DINOOptions(MethodOptions):
                                ge=8, le=8192)
     local_crop_scale: OrderedPair(gt=0, le=1) = opt(
         [0.05, 0.4], "Area range of the local crops (DINO: 0.05-0.4).")
+    local_blur_prob: Float = opt(
+        0.5, "Gaussian blur probability of each local crop (DINO: 0.5; the 2 global crops take data.aug.blur_prob, "
+        "DINO: 1.0 and 0.1, and data.aug.solarize_prob, DINO: 0 and 0.2). Small images want 0: a blur of up to "
+        "data.aug.blur_sigma px erases a 16 px crop.", ge=0, le=1)
 
 
 def teacher_temperatures(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int) -> np.ndarray:
@@ -158,11 +162,13 @@ class DINO(Method):
 
     @staticmethod
     def crops(cfg) -> MultiCrop:
-        """The crops of ``cfg``: sizes and scales from ``method.*``; blur and solarize per crop kind are DINO's."""
-        m = cfg.method
+        """The crops of ``cfg``: sizes, scales and the local blur from ``method.*``; the global crops' blur and
+        solarize probabilities from ``data.aug`` (DINO's two global crops are MoBY's two views)."""
+        m, aug = cfg.method, cfg.data.aug
         return MultiCrop(global_size=cfg.data.image_size, global_scale=tuple(m.global_crop_scale),
                          n_local=m.local_crops_number, local_size=m.local_crop_size,
-                         local_scale=tuple(m.local_crop_scale))
+                         local_scale=tuple(m.local_crop_scale), global_blur_prob=tuple(aug.blur_prob),
+                         global_solarize_prob=tuple(aug.solarize_prob), local_blur_prob=m.local_blur_prob)
 
     @classmethod
     def train_transform(cls, cfg):

@@ -257,7 +257,20 @@ def test_warmup_longer_than_training_is_a_config_error(tmp_path):
 # Augmentations
 
 _CROP_OVERRIDES = [f"data.image_size={GLOBAL}", "method.local_crops_number=3", f"method.local_crop_size={LOCAL}",
-                   "method.global_crop_scale=[0.5, 0.9]", "method.local_crop_scale=[0.1, 0.3]"]
+                   "method.global_crop_scale=[0.5, 0.9]", "method.local_crop_scale=[0.1, 0.3]",
+                   "data.aug.blur_prob=[0.9, 0.3]", "data.aug.solarize_prob=[0.1, 0.4]", "method.local_blur_prob=0.6"]
+
+
+def test_crops_take_the_global_blur_and_solarize_from_data_aug_and_the_local_blur_from_the_method(tmp_path):
+    crops = DINO.crops(_dino_cfg(tmp_path, *_CROP_OVERRIDES))
+    assert (crops.global_size, crops.n_local, crops.local_size) == (GLOBAL, 3, LOCAL)
+    assert crops.global_scale == (0.5, 0.9) and crops.local_scale == (0.1, 0.3)
+    assert crops.global_blur_prob == (0.9, 0.3) and crops.global_solarize_prob == (0.1, 0.4)
+    assert crops.local_blur_prob == 0.6 and crops.local_solarize_prob == 0.0
+    # DINO's own values under its ImageNet recipe.
+    imagenet = DINO.crops(load_config("dino_vit_small_in1k"))
+    assert imagenet.global_blur_prob == (1.0, 0.1) and imagenet.global_solarize_prob == (0.0, 0.2)
+    assert imagenet.local_blur_prob == 0.5
 
 
 def test_train_transform_gives_two_global_and_the_configured_local_crops(tmp_path):
@@ -296,8 +309,8 @@ def test_device_transform_gives_the_same_views_from_a_uint8_batch(tmp_path, monk
     views = t(torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8), torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in views] == [(4, 3, GLOBAL, GLOBAL)] * 2 + [(4, 3, LOCAL, LOCAL)] * 3
     assert geometry == [(GLOBAL, (0.5, 0.9))] * 2 + [(LOCAL, (0.1, 0.3))] * 3
-    # DINO's blur / solarize probabilities per crop kind, and data.normalization's statistics.
-    assert photometric == [(1.0, 0.0), (0.1, 0.2)] + [(0.5, 0.0)] * 3
+    # The configured blur / solarize probabilities per crop kind, and data.normalization's statistics.
+    assert photometric == [(0.9, 0.1), (0.3, 0.4)] + [(0.6, 0.0)] * 3
     mean, std = (torch.tensor(x).view(1, 3, 1, 1) for x in NORMALIZATION["cifar10"])
     for v in views:
         assert torch.allclose(v, ((0.5 - mean) / std).expand_as(v), rtol=0, atol=1e-6)
