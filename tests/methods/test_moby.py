@@ -281,3 +281,32 @@ def test_collapse_signs_read_the_feature_spread_and_the_queue_similarity(std, ne
     signs = m.collapse_signs({"loss": 1.0, "feature_std": std, "neg_sim": neg, "pos_sim": 0.9})
     assert signs is None if sign is None else sign in signs
     assert m.collapse_signs({"loss": 1.0}) is None
+
+
+def test_device_transform_makes_two_views_of_the_configured_size_aug_and_statistics(tiny_cfg, monkeypatch):
+    import mobyssl.data.gpu_augment as gpu_augment
+    from mobyssl.data.transforms import NORMALIZATION
+
+    cfg = tiny_cfg("data.normalization=cifar10", "data.image_size=24", "data.aug.crop_scale=[0.3, 0.7]",
+                   "data.aug.blur_prob=[0.9, 0.2]", "data.aug.solarize_prob=[0.1, 0.3]")
+    geometry, photometric = [], []
+    real = gpu_augment.random_resized_crops
+
+    def recording_crops(images, size, scale, *args, **kw):
+        geometry.append((size, tuple(scale)))
+        return real(images, size, scale, *args, **kw)
+
+    def grey(x, aug, blur_prob, solarize_prob, generator=None):
+        assert aug == cfg.data.aug
+        photometric.append((blur_prob, solarize_prob))
+        return torch.full_like(x, 0.5)
+
+    monkeypatch.setattr(gpu_augment, "random_resized_crops", recording_crops)
+    monkeypatch.setattr(gpu_augment, "photometric", grey)
+    views = MoBY.device_transform(cfg)(torch.randint(0, 256, (3, 3, 40, 32), dtype=torch.uint8),
+                                      torch.Generator().manual_seed(0))
+    assert [tuple(v.shape) for v in views] == [(3, 3, 24, 24)] * 2
+    assert geometry == [(24, (0.3, 0.7))] * 2 and photometric == [(0.9, 0.1), (0.2, 0.3)]
+    mean, std = (torch.tensor(x).view(1, 3, 1, 1) for x in NORMALIZATION["cifar10"])
+    for v in views:
+        assert torch.allclose(v, ((0.5 - mean) / std).expand_as(v), rtol=0, atol=1e-6)
