@@ -203,7 +203,7 @@ class DINO(Method):
         self.teacher_temp.fill_(float(temps[min(step // max(steps_per_epoch, 1), len(temps) - 1)]))
 
     def collapse_signs(self, stats: dict[str, float]) -> str | None:
-        """DINO's two collapse modes (its paper, section 5.3): the student reproduces the teacher exactly
+        """DINO's two collapse modes (as its paper studies them): the student reproduces the teacher exactly
         (``kl_teacher_student`` near 0) while the teacher's targets are uniform (entropy near log K) or all on one
         dimension (entropy near 0)."""
         kl, entropy = stats.get("kl_teacher_student"), stats.get("teacher_entropy")
