@@ -102,6 +102,14 @@ def forward_by_size(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Ten
     return torch.cat([backbone(torch.cat(views[start:end])) for start, end in size_groups(views)])
 
 
+def _patch_sides(backbone: nn.Module) -> tuple[int, ...]:
+    """The patch size of a timm ViT or Swin as ``(height, width)``; ``()`` for a backbone without a patch embedding."""
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    if isinstance(patch, (tuple, list)):
+        return tuple(int(p) for p in patch)
+    return (int(patch),) if patch else ()
+
+
 @register_method
 class DINO(Method):
     """Student: backbone -> DINO head, on every crop. Teacher: an EMA of both, on the 2 global crops.
@@ -150,10 +158,11 @@ class DINO(Method):
                      m.hidden_dim, m.bottleneck_dim, m.head_layers, m.use_bn_in_head, m.norm_last_layer, m.momentum,
                      m.teacher_temp, m.warmup_teacher_temp, m.warmup_teacher_temp_epochs, m.student_temp,
                      m.center_momentum, m.freeze_last_layer, 2 + m.local_crops_number)
-        patch = getattr(getattr(method.student, "patch_embed", None), "patch_size", None)
-        patch = int(patch[0]) if isinstance(patch, (tuple, list)) else patch
-        if m.local_crops_number and patch and m.local_crop_size % patch:
-            lower, upper = max(m.local_crop_size // patch, 1) * patch, -(-m.local_crop_size // patch) * patch
+        sides = _patch_sides(method.student)
+        step = math.lcm(*sides) if sides else 0  # a square crop must tile into patches along both sides
+        if m.local_crops_number and step and m.local_crop_size % step:
+            lower, upper = max(m.local_crop_size // step, 1) * step, -(-m.local_crop_size // step) * step
+            patch = sides[0] if len(set(sides)) == 1 else "x".join(map(str, sides))
             raise ConfigError(f"method.local_crop_size={m.local_crop_size} is not a multiple of the patch size {patch} "
                               f"of backbone '{cfg.model.backbone}' (model.backbone): the local crops would not tile "
                               f"into patches. Use method.local_crop_size={lower}" + (f" or {upper}." if upper != lower

@@ -244,6 +244,39 @@ def test_local_crops_that_do_not_tile_into_patches_are_a_config_error(tmp_path, 
     DINO.from_config(cfg, _backbone_fn())  # no local crops: the size is not used
 
 
+class _Patched(nn.Module):
+    """A stand-in backbone: ``patch_size`` on a ``patch_embed`` (or no patch embedding at all)."""
+
+    num_features = 8
+
+    def __init__(self, patch_size=None):
+        super().__init__()
+        if patch_size is not None:
+            self.patch_embed = nn.Module()
+            self.patch_embed.patch_size = patch_size
+        self.proj = nn.Linear(3, 8)
+
+    def forward(self, x):
+        return self.proj(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("patch, size, error", [
+    (16, 10, "patch size 16 .*Use method\\.local_crop_size=16\\.$"),   # smaller than one patch: one patch up
+    ((4, 8), 12, "patch size 4x8 .*Use method\\.local_crop_size=8 or 16\\."),  # both sides must tile
+    (None, 10, None), ((4, 4), 12, None), (4, 12, None),            # no patch embedding; int or pair patch sizes
+])
+def test_local_crop_check_reads_any_patch_size(tmp_path, patch, size, error):
+    small = ["method.out_dim=16", "method.hidden_dim=8", "method.bottleneck_dim=4", "method.local_crops_number=2",
+             f"method.local_crop_size={size}"]
+    cfg = _dino_cfg(tmp_path, *small)
+    build = lambda dpr, multi_size=False: _Patched(patch)  # noqa: E731
+    if error is None:
+        assert DINO.from_config(cfg, build).n_crops == 4
+    else:
+        with pytest.raises(ConfigError, match=error):
+            DINO.from_config(cfg, build)
+
+
 def test_warmup_longer_than_training_is_a_config_error(tmp_path):
     small = ["method.out_dim=16", "method.hidden_dim=8", "method.bottleneck_dim=4"]
     cfg = _dino_cfg(tmp_path, "train.epochs=4", "method.warmup_teacher_temp_epochs=5", *small)
@@ -599,5 +632,15 @@ def test_collapse_signs_are_dinos_two_modes(kl, entropy, kind):
     if kind is None:
         assert signs is None
     else:
-        assert kind in signs and f"kl_teacher_student {kl:.4f} < 0.01" in signs and "log K = 3.47" in signs
+        assert f"): {kind};" in signs and f"kl_teacher_student {kl:.4f} < 0.01" in signs and "log K = 3.47" in signs
     assert m.collapse_signs({"loss": 1.0}) is None  # statistics not logged: nothing to say
+    assert m.collapse_signs({"loss": 1.0, "kl_teacher_student": 0.001}) is None  # nor with one of the two
+
+
+def test_collapse_kinds_at_their_thresholds():
+    m = _dino()
+    log_k = math.log(OUT)
+    for entropy, kind in ((0.9 * log_k, "the student copies the teacher"), (0.1 * log_k, "the student copies the teacher"),
+                          (0.9 * log_k + 1e-9, "uniform targets"), (0.1 * log_k - 1e-9, "one dimension dominates")):
+        signs = m.collapse_signs({"kl_teacher_student": 0.0, "teacher_entropy": entropy})
+        assert f"): {kind};" in signs, (entropy, signs)

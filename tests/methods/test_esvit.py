@@ -62,6 +62,12 @@ def test_dense_heads_are_independent_of_the_view_heads_and_copied_to_the_teacher
     assert not m.teacher_dense_head.last_layer.parametrizations.weight.original0.requires_grad
 
 
+def test_the_dense_heads_last_layer_norm_is_fixed_by_default_as_the_view_heads():
+    m = _esvit()  # norm_last_layer left at DINO's default, True
+    for head in (m.student_head, m.student_dense_head):
+        assert not head.last_layer.parametrizations.weight.original0.requires_grad
+
+
 def test_modules_momentum_pairs_and_heads_include_the_dense_heads():
     m = _esvit()
     assert m.trainable_modules() == [m.student, m.student_head, m.student_dense_head]
