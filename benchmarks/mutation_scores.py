@@ -7,6 +7,11 @@ equivalent on CPU only (device-only: they need a GPU test to be killed).
 A survivor counts as justified only when TESTING.md has a table row whose first cell names it and whose verdict
 starts with ``equivalent`` or ``device-only``; every other survivor, every mutant without a covering test and every
 timeout-free "not checked" mutant is reported, so the score cannot look better than what was measured.
+
+Mutants that mutmut did not kill (not run, survived, no test) but that were applied one at a time to a scratch copy
+and run against named test files afterwards (most often after a test was added for them) are read from
+``benchmarks/mutants_one_by_one.txt``: lines ``KILLED|SURVIVED|TIMEOUT <name>``, the last line of a name wins.
+Such a mutant counts in the column ``killed one by one`` when that check killed it.
 """
 
 from __future__ import annotations
@@ -34,12 +39,25 @@ def justified() -> dict[str, str]:
     return out
 
 
+def one_by_one() -> dict[str, str]:
+    """The last recorded one-by-one result of each mutant: name -> KILLED, SURVIVED or TIMEOUT."""
+    path = ROOT / "benchmarks" / "mutants_one_by_one.txt"
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] in ("KILLED", "SURVIVED", "TIMEOUT"):
+                out[parts[1]] = parts[0]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--list", action="store_true", help="also list unjustified survivors and untested mutants")
     args = parser.parse_args()
     reasons = justified()
+    checked = one_by_one()
     rows: dict[str, Counter] = defaultdict(Counter)
     open_: dict[str, list[str]] = defaultdict(list)
     for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
@@ -47,10 +65,12 @@ def main() -> None:
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
             c = rows[module]
             c["mutants"] += 1
-            if code is None:
-                c["not run"] += 1
-            elif code in KILLED:
+            if code in KILLED:
                 c["killed"] += 1
+            elif checked.get(name) == "KILLED":
+                c["killed one by one"] += 1
+            elif code is None:
+                c["not run"] += 1
             elif code == 33:
                 c["no test"] += 1
                 open_[module].append(name + " (no test)")
@@ -59,7 +79,7 @@ def main() -> None:
             else:
                 c["survived"] += 1
                 open_[module].append(name)
-    cols = ["mutants", "killed", "equivalent", "device-only", "survived", "no test", "not run"]
+    cols = ["mutants", "killed", "killed one by one", "equivalent", "device-only", "survived", "no test", "not run"]
     header = ["module", *cols, "score", "score without device-only"]
     lines = []
     for module, c in rows.items():
@@ -68,7 +88,7 @@ def main() -> None:
         run = c["mutants"] - c["not run"]
         scores = []
         for relevant in (run - c["equivalent"], run - c["equivalent"] - c["device-only"]):
-            score = f"{100 * c['killed'] / relevant:.1f}%" if relevant else "-"
+            score = f"{100 * (c['killed'] + c['killed one by one']) / relevant:.1f}%" if relevant else "-"
             scores.append(score if run == c["mutants"] else f"({score} so far)")
         lines.append([module, *(str(c[k]) for k in cols), *scores])
     if args.markdown:

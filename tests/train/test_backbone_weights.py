@@ -92,6 +92,17 @@ def test_every_kind_of_mismatch_is_counted_with_an_example():
         load_backbone_weights(_net(), sd, "x.pth")
 
 
+def test_missing_tensors_alone_and_unexpected_ones_alone_are_each_a_mismatch():
+    sd = _net().state_dict()
+    sd.pop("1.bias")
+    with pytest.raises(CheckpointError, match=r"tensors 1 missing \(e.g. 1.bias\)\. Use the config"):
+        load_backbone_weights(_net(), sd, "x.pth")
+    sd = _net().state_dict()
+    sd["2.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"tensors 1 unexpected \(e.g. 2.weight\)\. Use the config"):
+        load_backbone_weights(_net(), sd, "x.pth")
+
+
 def test_non_finite_weights_are_refused_naming_the_file():
     sd = _net().state_dict()
     sd["0.weight"][0, 0] = float("nan")

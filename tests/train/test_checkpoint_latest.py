@@ -90,6 +90,17 @@ def test_rotation_counts_only_this_step_and_older_ones(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pth")["global_step"] == 3
 
 
+def test_rotation_spares_the_file_checkpoint_pth_points_at_and_removes_the_older_ones(tmp_path, monkeypatch):
+    """If checkpoint.pth could not be moved to the new file, the file it still points at stays; rotation goes on past
+    it and removes every other file outside the keep_last newest."""
+    for step in (1, 2, 3):
+        write_run_checkpoint(_state(step), tmp_path, step, keep_last=5)
+    monkeypatch.setattr(ckpt_mod, "_point_latest", lambda out, target: None)  # the pointer stays at step 3
+    write_run_checkpoint(_state(4), tmp_path, 4, keep_last=1)
+    assert [p.name for p in step_checkpoints(tmp_path)] == [step_name(4), step_name(3)]
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["global_step"] == 3
+
+
 def test_a_failed_rotation_is_one_warning_naming_file_and_reason(tmp_path, monkeypatch):
     """An old checkpoint that cannot be removed is one warning naming it and the OS reason; the rest goes on."""
     write_run_checkpoint(_state(1), tmp_path, 1, keep_last=1)
