@@ -118,6 +118,22 @@ def tinted_split(root: Path, per_class: int, seed: int, bad: tuple[str, ...] = (
 GOLDEN_TOL = 1e-10
 
 
+def golden_recorder(module: str):
+    """The recorder script ``tests/methods/golden/<module>.py`` whose golden files a test checks (that folder holds
+    scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module, Path(__file__).parent / "methods" / "golden" / f"{module}.py")
+    recorder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recorder)
+    return recorder
+
+
+def golden_record(recorder, name: str) -> dict:
+    """The recorded golden file ``name`` of ``recorder``."""
+    return torch.load(recorder.golden_path(name), weights_only=True)
+
+
 def check_golden(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = GOLDEN_TOL) -> None:
     """``|actual - expected| <= tol * max(1, |expected|)`` elementwise (absolute up to 1, relative above); integer
     tensors must be equal; dtype and shape must match."""

@@ -11,34 +11,25 @@ state_dict. Tolerance as in test_moby_golden.py: 1e-10 absolute up to 1, relativ
 If this fails after a refactor, the refactor changed the method's math: fix it. Re-record only for a deliberate change.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import check_golden, check_golden_dict
+from helpers import check_golden, check_golden_dict, golden_record, golden_recorder
 
-_spec = importlib.util.spec_from_file_location("make_golden_dino",
-                                               Path(__file__).parent / "golden" / "make_golden_dino.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = golden_recorder("make_golden_dino")
 
 NAMES = sorted(golden.VARIANTS)
 
 
-def _load(name):
-    return torch.load(golden.golden_path(name), weights_only=True)
-
 
 @pytest.mark.parametrize("name", NAMES)
 def test_construction_matches_golden_init(name, float64):
-    ref = _load(name)
+    ref = golden_record(golden, name)
     check_golden_dict(golden.state(golden.build(name)), ref["init"], "init")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_three_steps_match_golden_trajectory(name, float64):
-    ref = _load(name)
+    ref = golden_record(golden, name)
     method = golden.build(name)
     method.load_state_dict(ref["init"], strict=True)
     rec = golden.run(method, name)
@@ -52,7 +43,7 @@ def test_golden_files_are_small_and_exercise_what_they_pin():
     for name in NAMES:
         path = golden.golden_path(name)
         assert path.suffix == ".pt" and path.stat().st_size < 1_000_000, path
-        ref = _load(name)
+        ref = golden_record(golden, name)
         init, final, grads = ref["init"], ref["final"], ref["grads"]
         assert all(v.dtype == torch.float64 for v in final.values() if v.is_floating_point())
         # The student and, by the momentum, the teacher moved; the centre left zero.

@@ -23,36 +23,29 @@ If this fails after a refactor, the refactor changed MoBY's math: fix it. Re-rec
 change of the math (see make_golden.py).
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from helpers import check_golden as _check
 from helpers import check_golden_dict as _check_dict
+from helpers import golden_record, golden_recorder
 
-_spec = importlib.util.spec_from_file_location("make_golden", Path(__file__).parent / "golden" / "make_golden.py")
-golden = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden)
+golden = golden_recorder("make_golden")
 
 NAMES = sorted(golden.BACKBONES)
 
-
-def _load(name):
-    return torch.load(golden.golden_path(name), weights_only=True)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_construction_matches_golden_init(name, float64):
     """Seeded construction: the target encoder and projector start as copies (parameters and buffers)."""
-    ref = _load(name)
+    ref = golden_record(golden, name)
     method = golden.build(name)
     _check_dict(golden.state(method), ref["init"], "init")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_three_steps_match_golden_trajectory(name, float64):
-    ref = _load(name)
+    ref = golden_record(golden, name)
     method = golden.build(name)
     # Start from the recorded state, so this test does not depend on the order of random draws at construction.
     method.load_state_dict(ref["init"], strict=True)
@@ -67,7 +60,7 @@ def test_golden_files_are_small_and_nontrivial():
     for name in NAMES:
         path = golden.golden_path(name)
         assert path.suffix == ".pt" and path.stat().st_size < 1_000_000, path
-        ref = _load(name)
+        ref = golden_record(golden, name)
         # The run moved the weights and both queues are full of keys: the comparison is not between initial states.
         assert (ref["final"]["encoder.patch_embed.proj.weight"] - ref["init"]["encoder.patch_embed.proj.weight"]
                 ).abs().max() > 1e-4

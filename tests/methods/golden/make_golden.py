@@ -99,17 +99,23 @@ def run(method: MoBY) -> dict:
     return rec
 
 
-def record(name: str) -> dict:
+def record_in_float64(build_method, run_method, meta: dict) -> dict:
+    """Build a method and run it with float64 as the default dtype; the golden file's content: ``meta`` (with
+    the torch and timm versions), ``init`` (the state after construction) and what ``run_method`` records."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        method = build(name)
+        method = build_method()
         init = state(method)
-        rec = run(method)
+        rec = run_method(method)
     finally:
         torch.set_default_dtype(default)
-    meta = {"backbone": name, "torch": str(torch.__version__), "timm": str(timm.__version__)}
+    meta = {**meta, "torch": str(torch.__version__), "timm": str(timm.__version__)}
     return {"meta": meta, "init": init, **rec}
+
+
+def record(name: str) -> dict:
+    return record_in_float64(lambda: build(name), run, {"backbone": name})
 
 
 def main() -> int:

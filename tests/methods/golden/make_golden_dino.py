@@ -36,7 +36,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import timm
 import torch
 
 from mobyssl.methods.dino import DINO
@@ -46,6 +45,9 @@ from mobyssl.train.optim import build_adamw
 from mobyssl.train.trainer import make_scaler, train_step
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # run as a script or loaded by path from the tests: the recorders share one harness
+from make_golden import record_in_float64, state  # noqa: E402
+
 SEED = 0
 BATCH, GLOBAL, STEPS, TOTAL_STEPS, STEPS_PER_EPOCH = 4, 16, 3, 10, 2
 LR, BETAS, CLIP = 1e-4, (0.9, 0.999), 3.0
@@ -107,9 +109,6 @@ def views(step: int, name: str) -> list[torch.Tensor]:
             for size in [GLOBAL] * 2 + [local] * (args["n_crops"] - 2)]
 
 
-def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
 
 def run(method: DINO, name: str) -> dict:
     """``STEPS`` optimizer steps of ``method`` (variant ``name``) as the trainer takes them; returns what is
@@ -141,16 +140,7 @@ def run(method: DINO, name: str) -> dict:
 
 
 def record(name: str) -> dict:
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        method = build(name)
-        init = state(method)
-        rec = run(method, name)
-    finally:
-        torch.set_default_dtype(default)
-    meta = {"variant": name, "torch": str(torch.__version__), "timm": str(timm.__version__)}
-    return {"meta": meta, "init": init, **rec}
+    return record_in_float64(lambda: build(name), lambda method: run(method, name), {"variant": name})
 
 
 def main(names: list[str]) -> int:
