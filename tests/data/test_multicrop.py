@@ -232,6 +232,15 @@ def test_spec_and_data_aug_reach_every_view():
         assert _applies(v, RandomGaussianBlur) == [] and _applies(v, Solarize) == []
 
 
+def _blur_and_solarize_rates(views: list, base_tv: torch.Tensor) -> tuple[dict, dict]:
+    """Per crop kind (global 1, global 2, local), the fraction of views of bright noise that were blurred (total
+    variation under 60% of the image's) and solarized (mean under 0.5)."""
+    kinds = {"global 1": views[0], "global 2": views[1], "local": torch.cat(views[2:])}
+    blurred = {k: (_tv(v) < 0.6 * base_tv).double().mean().item() for k, v in kinds.items()}
+    solarized = {k: (v.mean(dim=(1, 2, 3)) < 0.5).double().mean().item() for k, v in kinds.items()}
+    return blurred, solarized
+
+
 def test_blur_and_solarize_rates_per_kind():
     """Noise in [150, 250]: solarize turns it dark (mean < 128), blur smooths it (solarize keeps the texture)."""
     spec = MultiCrop(global_size=16, local_size=16, n_local=2, global_scale=(1.0, 1.0), local_scale=(1.0, 1.0))
@@ -241,9 +250,7 @@ def test_blur_and_solarize_rates_per_kind():
     n = 600
     _seed(0)
     views = [torch.stack(v) for v in zip(*(tf(Image.fromarray(img)) for _ in range(n)))]
-    kinds = {"global 1": views[0], "global 2": views[1], "local": torch.cat(views[2:])}
-    blurred = {k: (_tv(v) < 0.6 * base_tv).double().mean().item() for k, v in kinds.items()}
-    solarized = {k: (v.mean(dim=(1, 2, 3)) < 0.5).double().mean().item() for k, v in kinds.items()}
+    blurred, solarized = _blur_and_solarize_rates(views, base_tv)
     assert blurred["global 1"] == 1.0 and solarized["global 1"] == 0.0
     assert blurred["global 2"] == pytest.approx(0.1, abs=0.04) and solarized["global 2"] == pytest.approx(0.2, abs=0.05)
     assert blurred["local"] == pytest.approx(0.5, abs=0.05) and solarized["local"] == 0.0
@@ -400,9 +407,7 @@ def test_device_blur_and_solarize_rates_per_kind():
     base_tv = _tv(img.float() / 255)
     views = BatchMultiCropAugment(spec, PLAIN, "none")(img[None].expand(n, 3, 16, 16),
                                                        torch.Generator().manual_seed(0))
-    kinds = {"global 1": views[0], "global 2": views[1], "local": torch.cat(views[2:])}
-    blurred = {k: (_tv(v) < 0.6 * base_tv).double().mean().item() for k, v in kinds.items()}
-    solarized = {k: (v.mean(dim=(1, 2, 3)) < 0.5).double().mean().item() for k, v in kinds.items()}
+    blurred, solarized = _blur_and_solarize_rates(views, base_tv)
     assert blurred["global 1"] == 1.0 and solarized["global 1"] == 0.0
     assert blurred["global 2"] == pytest.approx(0.1, abs=0.025) and solarized["global 2"] == pytest.approx(0.2, abs=0.025)
     assert blurred["local"] == pytest.approx(0.5, abs=0.025) and solarized["local"] == 0.0

@@ -473,14 +473,19 @@ def test_teacher_temperatures_has_one_value_per_epoch(warmup, epochs):
         assert temps[0] == pytest.approx(0.04) and temps[warmup - 1] == pytest.approx(0.07)
 
 
+def _temperatures_seen(m, total_steps: int, steps_per_epoch: int) -> list[float]:
+    """The teacher temperature ``on_step_start`` sets for each step of a run, in order."""
+    seen = []
+    for step in range(total_steps):
+        m.on_step_start(step, total_steps, steps_per_epoch)
+        seen.append(m.teacher_temp.item())
+    return seen
+
+
 def test_teacher_temperature_with_one_step_per_epoch():
     """One step per epoch: the epoch is the step."""
     m = _dino(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3).double()
-    seen = []
-    for step in range(5):
-        m.on_step_start(step, 5, 1)
-        seen.append(m.teacher_temp.item())
-    assert seen == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07], abs=1e-12)
+    assert _temperatures_seen(m, 5, 1) == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07], abs=1e-12)
 
 
 def test_warmup_starts_at_dinos_default_temperature():
@@ -492,12 +497,8 @@ def test_warmup_starts_at_dinos_default_temperature():
 
 def test_teacher_temperature_warmup_over_three_epochs_by_the_numbers():
     m = _dino(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3).double()
-    seen = []
-    for step in range(50):
-        m.on_step_start(step, 50, 5)
-        seen.append(m.teacher_temp.item())
     expected = [0.04] * 5 + [0.055] * 5 + [0.07] * 40
-    assert seen == pytest.approx(expected, abs=1e-12)
+    assert _temperatures_seen(m, 50, 5) == pytest.approx(expected, abs=1e-12)
 
 
 def test_teacher_temperature_reaches_the_loss():
