@@ -143,10 +143,10 @@ def create_backbone(name: str, *, img_size: int | None = None, drop_path_rate: f
                             f"data.image_size and model.kwargs): {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
                             "Fix model.kwargs or data.image_size.") from None
     _check_patch_grid(model, name)
-    if multi_size and isinstance(model, VisionTransformer):
-        use_dino_pos_embed(model)
     if multi_size:
-        use_esvit_windows(model)
+        if isinstance(model, VisionTransformer):
+            use_dino_pos_embed(model)
+        use_esvit_windows(model)  # Swin blocks only; nothing to change in a ViT
     if norm_before_mlp == "bn":
         if use_bn_before_mlp(model) == 0:
             raise BackboneError(
