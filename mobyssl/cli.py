@@ -181,6 +181,7 @@ def _cmd_eval(args) -> int:
     from .distributed import init_distributed, is_main_process
     from .errors import ConfigError
     from .eval.runner import run_knn, run_linear
+    from .models.last_blocks import check_last_blocks
     from .runtime import resolve_amp, resolve_device, seed_everything
     from .train.checkpoint import backbone_state_dict, load_backbone_weights, load_checkpoint
     from .train.compat import check_backbone_fits
@@ -212,6 +213,8 @@ def _cmd_eval(args) -> int:
         model = _describe_checkpoint(state, args.checkpoint)
     else:
         model = f"random init ({cfg.model.backbone}, train.seed={cfg.train.seed})"
+    if args.command == "linear":
+        check_last_blocks(backbone, cfg.linear.n_last_blocks)
     datasets = build_eval_datasets(cfg)  # before any work: bad paths and labels fail here
     if args.dry_run:
         print(f"dry run: {model}; config and data checked; nothing evaluated")

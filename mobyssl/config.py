@@ -347,6 +347,11 @@ class LinearConfig(Section):
     momentum: Float = opt(0.9, "SGD momentum.", on_resume=SAFE, ge=0, lt=1)
     weight_decay: Float = opt(0.0, "Weight decay of the linear layer (paper protocol: 0).", on_resume=SAFE,
                               ge=0, le=10)
+    n_last_blocks: Int = opt(
+        1, "Features of the last N transformer blocks, each pooled, concatenated. 1: the backbone's pooled "
+        "feature (MoBY's protocol). 4: DINO's ViT protocol (class tokens through the final norm) and EsViT's Swin "
+        "protocol (average-pooled tokens, the final norm on the last stage's blocks only).", on_resume=SAFE,
+        ge=1, le=1000)
 
 
 # --------------------------------------------------------------------------- per-method options

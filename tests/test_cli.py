@@ -231,6 +231,19 @@ def test_linear_without_checkpoint(capsys):
     assert code == 2 and "--checkpoint" in err
 
 
+def test_linear_on_more_blocks_than_the_backbone_has_stops_before_the_data_is_read(capsys, tmp_path):
+    code, _, err = run(capsys, "linear", "--config", "quickstart", "--random-init", "--dry-run",
+                       "linear.n_last_blocks=5", f"data.test={tmp_path / 'missing'}")
+    assert code == 2
+    assert "linear.n_last_blocks=5, but the backbone has 4 blocks" in err and "missing" not in err
+
+
+def test_linear_dry_run_accepts_the_last_four_blocks(capsys):
+    code, out, _ = run(capsys, "linear", "--config", "quickstart", "--random-init", "--dry-run",
+                       "linear.n_last_blocks=4")
+    assert code == 0 and "dry run" in out
+
+
 def test_knn_checkpoint_that_is_not_a_dict(capsys, tmp_path):
     import torch
 

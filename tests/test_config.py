@@ -20,8 +20,11 @@ from mobyssl.config import (
 
 SHIPPED = [
     "dino_quickstart",
+    "dino_vit_small_300ep_in1k",
+    "dino_vit_small_cifar10",
     "dino_vit_small_in1k",
     "esvit_quickstart",
+    "esvit_swin_cifar10",
     "esvit_swin_tiny_in1k",
     "moby_deit_small_in1k",
     "moby_swin_cifar10",
@@ -176,6 +179,41 @@ def test_dino_recipe_is_main_dino_defaults():
     assert (t.weight_decay, t.weight_decay_end) == (pytest.approx(0.04), pytest.approx(0.4))
     assert t.clip_grad == 3.0 and t.clip_mode == "per_parameter" and t.betas == [0.9, 0.999]
     assert (c.model.drop_path_rate, c.model.target_drop_path_rate) == (0.1, 0.0)
+    # eval_linear.py: 4 class tokens, SGD lr 0.001 per 256 images, 8 GPUs x 128, 100 epochs, no weight decay.
+    lc = c.linear
+    assert (lc.n_last_blocks, lc.epochs, lc.batch_size, lc.lr_ref_batch) == (4, 100, 1024, 256)
+    assert lc.lr == pytest.approx(1e-3) and lc.momentum == 0.9 and lc.weight_decay == 0.0
+
+
+def test_dino_300_epoch_recipe_is_the_readmes_longer_vit_s_run():
+    """DINO's README: --epochs 300 --teacher_temp 0.07 --warmup_teacher_temp_epochs 30 --norm_last_layer false on
+    16 GPUs x 64; everything else as the 100-epoch recipe."""
+    c, base = load_config("dino_vit_small_300ep_in1k"), load_config("dino_vit_small_in1k")
+    m = c.method
+    assert not m.norm_last_layer and (m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs) == (
+        0.04, 0.07, 30)
+    assert (c.train.epochs, c.train.batch_size) == (300, 1024)
+    changed = {"norm_last_layer", "teacher_temp", "warmup_teacher_temp_epochs"}
+    assert m.model_dump(exclude=changed) == base.method.model_dump(exclude=changed)
+    assert c.train.model_dump(exclude={"epochs", "batch_size"}) == base.train.model_dump(exclude={"epochs", "batch_size"})
+    assert (c.model, c.data, c.linear) == (base.model, base.data, base.linear)
+
+
+@pytest.mark.parametrize("name, base_name, backbone", [("dino_vit_small_cifar10", "dino_vit_small_in1k", "vit_small_patch4_32"),
+                                                       ("esvit_swin_cifar10", "esvit_swin_tiny_in1k",
+                                                        "swin_tiny_patch2_window4_32")])
+def test_cifar10_dino_and_esvit_recipes_scale_the_imagenet_recipe_to_32_px(name, base_name, backbone):
+    c, base, moby = load_config(name), load_config(base_name), load_config("moby_swin_cifar10")
+    assert c.data == moby.data  # the same data settings as MoBY's CIFAR-10 recipe (no blur at 32 px)
+    assert c.model.backbone == backbone and c.model.kwargs == base.model.kwargs
+    # Only the crop size and the blur of the local crops change in the method.
+    assert (c.method.local_crop_size, c.method.local_blur_prob) == (16, 0.0)
+    changed = {"local_crop_size", "local_blur_prob"}
+    assert c.method.model_dump(exclude=changed) == base.method.model_dump(exclude=changed)
+    assert (c.train.epochs, c.train.warmup_epochs, c.train.batch_size) == (200, 10, 512)
+    keep = {"epochs", "warmup_epochs", "batch_size", "knn_every"}
+    assert c.train.model_dump(exclude=keep) == base.train.model_dump(exclude=keep)
+    assert c.linear == base.linear
 
 
 def test_esvit_recipe_is_the_official_swin_tiny_recipe():

@@ -19,6 +19,7 @@ from .. import distributed as D
 from ..config import Config
 from ..data import DataError, linear_train_transform
 from ..data.sampler import GlobalBatchSampler
+from ..models.last_blocks import LastBlocksFeatures
 from .features import SkipUnreadable, extract_features
 from .knn import knn_classify
 from .linear import linear_probe_fast, linear_probe_full
@@ -92,11 +93,17 @@ def run_knn(cfg: Config, backbone: nn.Module, device: torch.device, amp_dtype=No
 
 def run_linear(cfg: Config, backbone: nn.Module, device: torch.device, amp_dtype=None, log=print,
                skipped: dict | None = None) -> dict[str, float]:
-    """Linear probe in ``cfg.linear.mode`` (``full``: paper protocol; ``fast``: on cached features).
+    """Linear probe in ``cfg.linear.mode`` (``full``: paper protocol; ``fast``: on cached features), on the
+    pooled outputs of the backbone's last ``cfg.linear.n_last_blocks`` blocks.
 
     ``skipped``: a dict that receives the number of unreadable images left out, per split.
     """
     lc = cfg.linear
+    if lc.n_last_blocks > 1:
+        backbone = LastBlocksFeatures(backbone, lc.n_last_blocks)
+        if log and D.is_main_process():
+            log(f"linear probe on the pooled outputs of the last {lc.n_last_blocks} blocks "
+                f"({backbone.num_features} features)")
     if lc.mode == "fast":
         train, test = build.build_eval_datasets(cfg)
         (ftr, ytr), (fte, yte) = _features(cfg, backbone, device, amp_dtype, (train, test), skipped)

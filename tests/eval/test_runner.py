@@ -22,6 +22,7 @@ from mobyssl.eval import runner
 from mobyssl.eval.features import SkipUnreadable, extract_features
 from mobyssl.eval.knn import knn_classify
 from mobyssl.eval.runner import check_unreadable, run_knn, run_linear
+from mobyssl.models.last_blocks import LastBlocksFeatures
 
 CPU = torch.device("cpu")
 # Every value differs from its default, so a value that does not reach its function changes what it gets.
@@ -222,3 +223,25 @@ def test_check_unreadable_stops_only_past_the_fraction_and_names_an_all_unreadab
         check_unreadable(_Split(10), ["a.png", "b.png"], 0.1)
     with pytest.raises(DataError, match="none of its 2 images could be read"):
         check_unreadable(_Split(2), ["a.png", "b.png"], 1.0)
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_linear_probe_on_the_last_blocks_gets_their_concatenated_features(setup, monkeypatch, mode):
+    make_cfg, backbone = setup
+    cfg = make_cfg(f"linear.mode={mode}", "linear.epochs=1", "linear.n_last_blocks=2")
+    _, test = build_eval_datasets(cfg)
+    blocks = LastBlocksFeatures(backbone, 2)
+    expected, _ = features(cfg, blocks, test, torch.bfloat16)
+    assert expected.shape[1] == 2 * backbone.num_features
+    calls = record_calls(monkeypatch, runner, f"linear_probe_{mode}")
+    lines: list[str] = []
+    result = run_linear(cfg, backbone, CPU, torch.bfloat16, log=lines.append)
+    assert lines[0] == f"linear probe on the pooled outputs of the last 2 blocks ({2 * backbone.num_features} features)"
+    (call,) = calls
+    torch.testing.assert_close(call["test_feats"], expected, rtol=0, atol=0)
+    if mode == "full":
+        assert isinstance(call["backbone"], LastBlocksFeatures) and call["backbone"].backbone is backbone
+        assert call["backbone"].n == 2
+    else:
+        assert call["train_feats"].shape[1] == 2 * backbone.num_features
+    assert set(result) == {"linear_top1", "linear_top5"}
