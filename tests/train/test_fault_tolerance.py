@@ -38,22 +38,39 @@ def _cli(args, **kw):
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
+MULTICROP = ["train.batch_size=16", "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16",
+             "method.local_crops_number=2", "method.warmup_teacher_temp=0.03", "method.warmup_teacher_temp_epochs=1"]
+
+
+def _kill_resume_args(method, tiny_overrides):
+    """(pretrain arguments, steps, step to kill after, state keys that must move): a kill mid-epoch 0 and a
+    resumed run that crosses into epoch 1 (MoBY: 31 steps per epoch; DINO/EsViT: 62)."""
+    if method == "moby":
+        return ["pretrain", *tiny_overrides], 36, 17, ["criterion.queue_2.queue", "encoder_target.pos_embed"]
+    tiny = [o for o in tiny_overrides if not o.startswith(("method.", "train.batch_size"))]
+    if method == "esvit":  # its recipe's 1.4M Swin, not the tiny ViT
+        tiny = [o for o in tiny if not o.startswith("model.")]
+    return ["pretrain", "--config", f"{method}_quickstart", *tiny, *MULTICROP], 66, 31, [
+        "criterion.center", "teacher.norm.weight"]
+
+
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_trajectory(tmp_path, tiny_overrides):
-    # 31 steps per epoch: the kill lands mid-epoch 0 and the resumed run crosses into epoch 1.
-    common = ["pretrain", *tiny_overrides, "data.num_workers=1", "train.max_steps=36", "train.save_every_steps=5",
+@pytest.mark.parametrize("method", ["moby", "dino", "esvit"])
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_trajectory(tmp_path, tiny_overrides, method):
+    args, steps, kill_after, moving = _kill_resume_args(method, tiny_overrides)
+    common = [*args, "data.num_workers=1", f"train.max_steps={steps}", "train.save_every_steps=5",
               "train.knn_every=-1"]
     ref = _cli(common + [f"output_dir={tmp_path / 'ref'}"])
     killed = _cli(common + [f"output_dir={tmp_path / 'killed'}"])
     deadline = time.time() + 300
-    while max(_losses(tmp_path / "killed"), default=0) < 17:
+    while max(_losses(tmp_path / "killed"), default=0) < kill_after:
         assert killed.poll() is None, killed.stdout.read()
         assert time.time() < deadline
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert killed.returncode == -signal.SIGKILL
-    assert max(_losses(tmp_path / "killed")) < 36
+    assert max(_losses(tmp_path / "killed")) < steps
 
     resumed = _cli(common + [f"output_dir={tmp_path / 'killed'}", "--resume"])
     out, _ = resumed.communicate(timeout=300)
@@ -63,12 +80,16 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_trajectory(tmp_path
     assert ref.returncode == 0, ref_out
 
     expected, got = _losses(tmp_path / "ref"), _losses(tmp_path / "killed")
-    assert sorted(expected) == sorted(got) == list(range(1, 37))
+    assert sorted(expected) == sorted(got) == list(range(1, steps + 1))
     assert got == expected  # step for step, bit for bit
+    first = load_checkpoint(step_checkpoints(tmp_path / "ref")[-1])["method"]  # the oldest one kept
     final_ref = load_checkpoint(tmp_path / "ref" / "checkpoint.pth")["method"]
     final = load_checkpoint(tmp_path / "killed" / "checkpoint.pth")["method"]
-    for k in ("encoder.cls_token", "criterion.queue_2.queue", "encoder_target.pos_embed"):
-        assert torch.equal(final_ref[k], final[k]), k
+    assert set(final) == set(final_ref)
+    for k, value in final_ref.items():  # every weight, buffer, queue and centre
+        assert torch.equal(final[k], value), k
+    for k in moving:  # ... and the trajectory went somewhere
+        assert not torch.equal(first[k], final_ref[k]), k
 
 
 @pytest.mark.slow
