@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import numpy as np
@@ -26,6 +27,18 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(f"train.device={spec} but Apple's MPS backend is not available here; use train.device=cpu")
     return dev
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` in bytes: a GPU's own, the machine's RAM for the CPU; None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu":
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (AttributeError, ValueError, OSError):
+            return None
+    return None
 
 
 def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:

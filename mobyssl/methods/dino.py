@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed as D
 from ..config import (
     ARCHITECTURE,
     Float,
@@ -26,6 +27,7 @@ from ..errors import ConfigError
 from ..losses import DINOLoss
 from ..models import DINOHead, feature_dim
 from ..models.momentum import copy_weights, cosine_momentum
+from ..runtime import device_memory_bytes, resolve_device
 from .base import BackboneFn, Method
 from .registry import register_method
 
@@ -110,6 +112,19 @@ def _patch_sides(backbone: nn.Module) -> tuple[int, ...]:
     return (int(patch),) if patch else ()
 
 
+def head_memory_bytes(out_dim: int, bottleneck_dim: int, heads_per_branch: int, images: int, n_crops: int) -> int:
+    """A lower bound on the memory that the width of the heads' last layers costs in training, in bytes.
+
+    The last layers (``bottleneck_dim x out_dim`` floats each, with their weight-norm gains): the student's
+    weights, gradients and AdamW's two moments and the teacher's weights, 5 float32 copies. The outputs: for
+    ``images`` on one device, the student's logits of every crop and the teacher's of the 2 global crops, each
+    also as probabilities and gradients (3 copies).
+    """
+    weights = 5 * out_dim * (bottleneck_dim + 1)
+    outputs = 3 * images * (n_crops + 2) * out_dim
+    return 4 * heads_per_branch * (weights + outputs)
+
+
 @register_method
 class DINO(Method):
     """Student: backbone -> DINO head, on every crop. Teacher: an EMA of both, on the 2 global crops.
@@ -122,6 +137,7 @@ class DINO(Method):
     backbone_key = "teacher"
     Options = DINOOptions
     criterion_class = DINOLoss
+    heads_per_branch = 1  # DINO heads on the student (and as many on the teacher)
 
     def __init__(self, backbone_fn: BackboneFn, drop_path_rate: float = 0.1, teacher_drop_path_rate: float = 0.0,
                  out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256, head_layers: int = 3,
@@ -154,6 +170,7 @@ class DINO(Method):
         if m.warmup_teacher_temp_epochs > cfg.train.epochs:
             raise ConfigError(f"method.warmup_teacher_temp_epochs={m.warmup_teacher_temp_epochs} is longer than "
                               f"train.epochs={cfg.train.epochs}; lower it.")
+        cls._check_head_fits(cfg)
         method = cls(backbone_fn, cfg.model.drop_path_rate, cfg.model.target_drop_path_rate, m.out_dim,
                      m.hidden_dim, m.bottleneck_dim, m.head_layers, m.use_bn_in_head, m.norm_last_layer, m.momentum,
                      m.teacher_temp, m.warmup_teacher_temp, m.warmup_teacher_temp_epochs, m.student_temp,
@@ -168,6 +185,22 @@ class DINO(Method):
                               f"into patches. Use method.local_crop_size={lower}" + (f" or {upper}." if upper != lower
                                                                                      else "."))
         return method
+
+    @classmethod
+    def _check_head_fits(cls, cfg) -> None:
+        """Refuse, before anything is allocated, an ``out_dim`` whose heads cannot fit in the device's memory."""
+        m = cfg.method
+        device = resolve_device(cfg.train.device)
+        total = device_memory_bytes(device)
+        images = -(-cfg.train.batch_size // (D.world_size() * cfg.train.accum_steps))
+        need = head_memory_bytes(m.out_dim, m.bottleneck_dim, cls.heads_per_branch, images, 2 + m.local_crops_number)
+        if total is not None and need > total:
+            gib, where = 2.0 ** 30, "this machine's RAM" if device.type == "cpu" else str(device)
+            raise ConfigError(
+                f"method.out_dim={m.out_dim} (with method.bottleneck_dim={m.bottleneck_dim}): the {cls.name} heads' "
+                f"last layers and their outputs alone need at least {need / gib:.1f} GiB in training, more than the "
+                f"{total / gib:.1f} GiB of {where}. Lower method.out_dim (DINO: 65536; a few thousand suit small "
+                "datasets), method.bottleneck_dim or train.batch_size.")
 
     @staticmethod
     def crops(cfg) -> MultiCrop:

@@ -52,6 +52,7 @@ class EsViT(DINO):
     name = "esvit"
     Options = EsViTOptions
     criterion_class = EsViTLoss
+    heads_per_branch = 2  # the view head and the dense head
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -11,9 +11,11 @@ from mobyssl.config import load_config
 from mobyssl.data.transforms import NORMALIZATION
 from mobyssl.errors import ConfigError
 from mobyssl.losses import DINOLoss
+from mobyssl.methods import dino as dino_mod
 from mobyssl.methods import get_method
 from mobyssl.methods.dino import DINO, forward_by_size, teacher_temperatures
 from mobyssl.models import create_backbone
+from mobyssl.runtime import device_memory_bytes
 from mobyssl.train.optim import param_groups
 from mobyssl.train.trainer import make_scaler, train_step
 
@@ -284,6 +286,46 @@ def test_warmup_longer_than_training_is_a_config_error(tmp_path):
         DINO.from_config(cfg, _backbone_fn())
     cfg = _dino_cfg(tmp_path, "train.epochs=4", "method.warmup_teacher_temp_epochs=4", *small)
     DINO.from_config(cfg, _backbone_fn())  # as long as training is fine
+
+
+def test_head_memory_by_hand():
+    # 5 float32 copies of the last layer (10 x (4 + 1)) and 3 of the outputs (6 images x (3 crops + 2) x 10).
+    assert dino_mod.head_memory_bytes(10, 4, 1, 6, 3) == 4 * (5 * 10 * 5 + 3 * 6 * 5 * 10)
+    assert dino_mod.head_memory_bytes(10, 4, 2, 6, 3) == 2 * dino_mod.head_memory_bytes(10, 4, 1, 6, 3)
+
+
+def test_a_head_wider_than_this_machines_memory_is_refused_before_it_is_built(tmp_path):
+    total = device_memory_bytes(torch.device("cpu"))
+    assert total and total > 2**30
+    bottleneck = 65536  # the largest allowed: 2**20 x 65536 x 5 x 4 bytes = 1.25 TiB of last layers
+    assert dino_mod.head_memory_bytes(2**20, bottleneck, 1, 1, 2) > total
+    cfg = _dino_cfg(tmp_path, "train.device=cpu", f"method.out_dim={2**20}", f"method.bottleneck_dim={bottleneck}",
+                    "method.hidden_dim=8")
+    built = []
+    with pytest.raises(ConfigError, match=r"method\.out_dim=1048576 \(with method\.bottleneck_dim=65536\).*GiB of "
+                       r"this machine's RAM\. Lower method\.out_dim .*method\.bottleneck_dim or train\.batch_size"):
+        DINO.from_config(cfg, lambda *a, **k: built.append(a))
+    assert built == []  # refused before any network was built
+
+
+@pytest.mark.parametrize("method", ["dino", "esvit"])
+@pytest.mark.parametrize("world, accum", [(1, 1), (2, 1), (1, 4)])
+def test_the_head_check_counts_the_images_per_device_and_the_heads_per_branch(tmp_path, monkeypatch, method, world,
+                                                                               accum):
+    small = ["method.out_dim=1000", "method.hidden_dim=8", "method.bottleneck_dim=20", "method.local_crops_number=2",
+             "method.local_crop_size=16", "train.batch_size=64", f"train.accum_steps={accum}"]
+    cfg = _dino_cfg(tmp_path, f"method.name={method}", *small)
+    cls = get_method(method)
+    heads = {"dino": 1, "esvit": 2}[method]
+    need = dino_mod.head_memory_bytes(1000, 20, heads, 64 // (world * accum), 4)
+    monkeypatch.setattr(dino_mod.D, "world_size", lambda: world)
+    monkeypatch.setattr(dino_mod, "device_memory_bytes", lambda device: need)
+    cls.from_config(cfg, _backbone_fn())  # exactly fits
+    monkeypatch.setattr(dino_mod, "device_memory_bytes", lambda device: need - 1)
+    with pytest.raises(ConfigError, match=r"method\.out_dim=1000"):
+        cls.from_config(cfg, _backbone_fn())
+    monkeypatch.setattr(dino_mod, "device_memory_bytes", lambda device: None)  # unknown: no check
+    cls.from_config(cfg, _backbone_fn())
 
 
 # ---------------------------------------------------------------------------------------------------------------
