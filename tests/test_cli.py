@@ -305,11 +305,13 @@ def test_config_schema_is_json_with_each_methods_options_and_bounds(capsys):
     method = schema["properties"]["method"]["oneOf"]
     options = {d["properties"]["name"]["const"]: d for d in (schema["$defs"][m["$ref"].rsplit("/", 1)[1]]
                                                              for m in method)}
-    assert set(options) == {"moby", "dino", "esvit"}  # one entry per registered method, told apart by method.name
+    assert set(options) == {"moby", "dino", "esvit", "mocov3"}  # one entry per registered method, by method.name
     assert options["moby"]["properties"]["queue_size"]["minimum"] == 1
     assert "queue_size" not in options["dino"]["properties"]
     assert options["dino"]["properties"]["teacher_temp"]["exclusiveMinimum"] == 0
     assert options["esvit"]["properties"]["local_blur_prob"]["maximum"] == 1  # EsViT carries DINO's keys
+    assert options["mocov3"]["properties"]["stop_grad_patch_embed"]["default"] is True
+    assert "queue_size" not in options["mocov3"]["properties"]
     train = schema["$defs"]["TrainConfig"]["properties"]
     assert train["lr"]["exclusiveMinimum"] == 0 and train["min_lr"]["minimum"] == 0
     assert set(schema["$defs"]["AugConfig"]["properties"]) >= {"crop_scale", "blur_prob"}

@@ -31,6 +31,9 @@ SHIPPED = [
     "moby_swin_tiny_bn_in1k",
     "moby_swin_tiny_in1k",
     "moby_vit_small_cifar10",
+    "mocov3_quickstart",
+    "mocov3_vit_small_cifar10",
+    "mocov3_vit_small_in1k",
     "quickstart",
 ]
 
@@ -229,6 +232,28 @@ def test_esvit_recipe_is_the_official_swin_tiny_recipe():
     assert (t.epochs, t.batch_size, t.warmup_epochs) == (300, 512, 10)
     assert t.lr * t.batch_size / t.lr_ref_batch == pytest.approx(1e-3)  # the recipe's peak lr
     assert t.clip_mode == "per_parameter" and t.weight_decay_end == pytest.approx(0.4)
+
+
+def test_mocov3_recipe_is_the_official_vit_small_recipe():
+    """../shared/specs/sit-mocov3.md M1-M5: CONFIG.md's ViT-S flags, the 12-head ViT-S, BYOL's augmentations."""
+    c = load_config("mocov3_vit_small_in1k")
+    t, m, a = c.train, c.method, c.data.aug
+    assert m.name == "mocov3" and c.model.backbone == "vit_small_patch16_224" and c.model.kwargs == {"num_heads": 12}
+    assert (m.proj_hidden_dim, m.proj_dim, m.temperature, m.momentum) == (4096, 256, 0.2, 0.99)
+    assert m.stop_grad_patch_embed and m.sincos_pos_embed
+    assert (t.epochs, t.warmup_epochs, t.batch_size, t.lr_ref_batch) == (300, 40, 4096, 256)
+    assert t.lr == pytest.approx(1.5e-4) and t.warmup_lr == 0.0 and t.min_lr == 0.0
+    assert t.weight_decay == pytest.approx(0.1) and t.weight_decay_end is None and t.clip_grad is None
+    assert t.betas == [0.9, 0.999] and (c.model.drop_path_rate, c.model.target_drop_path_rate) == (0.0, 0.0)
+    assert a.crop_scale == [0.08, 1.0] and a.color_jitter == [0.4, 0.4, 0.2, 0.1] and a.color_jitter_prob == 0.8
+    assert a.grayscale_prob == 0.2 and a.blur_prob == [1.0, 0.1] and a.solarize_prob == [0.0, 0.2]
+    assert c.data.image_size == 224 and c.data.normalization == "imagenet"
+    lc = c.linear  # main_lincls.py for ViTs: lr 3 per 256 at batch 1024, 90 epochs, no weight decay
+    assert (lc.epochs, lc.batch_size, lc.lr, lc.lr_ref_batch, lc.weight_decay, lc.n_last_blocks) == (
+        90, 1024, 3.0, 256, 0.0, 1)
+    small = load_config("mocov3_vit_small_cifar10")
+    assert small.data == load_config("moby_swin_cifar10").data and small.model.backbone == "vit_small_patch4_32"
+    assert small.model.kwargs == {"num_heads": 12} and small.method == c.method
 
 
 def test_dataclass_defaults_match_paper_recipe():

@@ -4,6 +4,7 @@ from .base import Method
 from .dino import DINO
 from .esvit import EsViT
 from .moby import MoBY
+from .mocov3 import MoCoV3
 from .registry import METHODS, get_method, register_method
 
-__all__ = ["DINO", "EsViT", "Method", "MoBY", "METHODS", "get_method", "register_method"]
+__all__ = ["DINO", "EsViT", "Method", "MoBY", "MoCoV3", "METHODS", "get_method", "register_method"]

@@ -35,6 +35,9 @@ class Method(nn.Module):
     # The attribute holding ``backbone``: its weights are ``<backbone_key>.*`` in the method's state dict.
     backbone_key: ClassVar[str] = ""
     base_momentum: float = 0.0
+    # Weight decay on every trainable parameter (MoCo v3's single AdamW group); otherwise biases and 1-D parameters
+    # (norms, scales) are not decayed (MoBY's, DINO's).
+    decay_every_parameter: ClassVar[bool] = False
 
     @property
     def backbone(self) -> nn.Module:
@@ -124,3 +127,15 @@ class Method(nn.Module):
             for online, target in pairs:
                 ema_update(online, target, m, apply)
             return {"momentum": m}
+
+
+def contrastive_collapse_signs(stats: dict[str, float], negatives: str) -> str | None:
+    """The collapse rule of the contrastive methods: ``feature_std`` (about 1 for well-spread features, 0 when
+    every image maps to one point) under 0.1, or ``neg_sim`` (mean cosine similarity to the negatives, described
+    by ``negatives``) over 0.9."""
+    std, neg = stats.get("feature_std"), stats.get("neg_sim")
+    if std is not None and std < 0.1:
+        return f"feature_std {std:.3f} < 0.1: the images map to nearly one point"
+    if neg is not None and neg > 0.9:
+        return f"neg_sim {neg:.3f} > 0.9: every image looks like {negatives}"
+    return None

@@ -11,7 +11,7 @@ from ..data.transforms import moby_transform
 from ..losses import MoBYLoss
 from ..models import MLPHead, feature_dim
 from ..models.momentum import copy_weights
-from .base import BackboneFn, Method
+from .base import BackboneFn, Method, contrastive_collapse_signs
 from .registry import register_method
 
 
@@ -87,14 +87,8 @@ class MoBY(Method):
         return [self.encoder, self.projector, self.predictor]
 
     def collapse_signs(self, stats: dict[str, float]) -> str | None:
-        """``feature_std`` (about 1 for well-spread features, 0 when every image maps to one point) under 0.1, or
-        ``neg_sim`` (mean cosine similarity to the queue) over 0.9."""
-        std, neg = stats.get("feature_std"), stats.get("neg_sim")
-        if std is not None and std < 0.1:
-            return f"feature_std {std:.3f} < 0.1: the images map to nearly one point"
-        if neg is not None and neg > 0.9:
-            return f"neg_sim {neg:.3f} > 0.9: every image looks like every queued one"
-        return None
+        """``feature_std`` under 0.1, or ``neg_sim`` (mean cosine similarity to the queue) over 0.9."""
+        return contrastive_collapse_signs(stats, "every queued one")
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``views``: two ``(B, 3, H, W)`` batches of the same images under the two augmentations."""

@@ -11,7 +11,7 @@ from .backbones import (
     patch_tokens,
     tokens_and_pooled,
 )
-from .heads import DINOHead, MLPHead
+from .heads import DINOHead, MLPHead, MoCoMLP
 
 __all__ = ["ALIASES", "PRESETS", "BackboneError", "TokenBatchNorm", "available_backbones",
-           "create_backbone", "feature_dim", "patch_tokens", "tokens_and_pooled", "DINOHead", "MLPHead"]
+           "create_backbone", "feature_dim", "patch_tokens", "tokens_and_pooled", "DINOHead", "MLPHead", "MoCoMLP"]

@@ -27,6 +27,32 @@ class MLPHead(nn.Module):
         return self.net(x)
 
 
+class MoCoMLP(nn.Module):
+    """MoCo v3's projector / predictor: ``n_layers`` bias-free Linears, BN + ReLU between them, and a BatchNorm
+    without affine parameters after the last (``last_bn``).
+
+    Projector: ``MoCoMLP(3, D, 4096, 256)``; predictor: ``MoCoMLP(2, 256, 4096, 256)``. The Linears keep
+    PyTorch's default init (MoCo builds them after its encoder init). Shapes: ``(B, in_dim) -> (B, out_dim)``.
+    """
+
+    def __init__(self, n_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"MoCoMLP needs n_layers >= 1, got {n_layers}")
+        layers: list[nn.Module] = []
+        for i in range(n_layers):
+            last = i == n_layers - 1
+            layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, out_dim if last else hidden_dim, bias=False))
+            if not last:
+                layers += [nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            elif last_bn:
+                layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class DINOHead(nn.Module):
     """DINO's projection head: an MLP to a bottleneck, L2 normalisation, then a weight-normalised linear layer.
 

@@ -10,14 +10,15 @@ import torch
 from torch import nn
 
 
-def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay; biases and every 1-D parameter (norms, scales) without."""
+def param_groups(modules: list[nn.Module], weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """Two groups: weights with decay; biases and every 1-D parameter (norms, scales) without (with ``decay_all``
+    every parameter is in the first group and the second is empty). Frozen parameters are left out."""
     decay, no_decay = [], []
     for module in modules:
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+            (no_decay if not decay_all and (p.ndim <= 1 or name.endswith(".bias")) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -35,11 +36,12 @@ def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int
     return np.concatenate([warm, cos])
 
 
-def build_adamw(modules: list[nn.Module], lr: float, weight_decay: float, betas, device: torch.device):
+def build_adamw(modules: list[nn.Module], lr: float, weight_decay: float, betas, device: torch.device,
+                decay_all: bool = False):
     """AdamW, fused where PyTorch has a fused kernel (CUDA; CPU from 2.4): one kernel per step, and a
     non-finite step is skipped on the device (GradScaler's ``found_inf``) without a host synchronisation."""
     fused = {"fused": True} if fused_adamw_on(torch.device(device).type) else {}
-    return torch.optim.AdamW(param_groups(modules, weight_decay), lr=lr, betas=tuple(betas), **fused)
+    return torch.optim.AdamW(param_groups(modules, weight_decay, decay_all), lr=lr, betas=tuple(betas), **fused)
 
 
 @functools.cache

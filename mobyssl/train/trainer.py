@@ -261,7 +261,7 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
                                    sampler=sampler, generator=torch.Generator().manual_seed(cfg.train.seed))
     sched = make_schedules(cfg, steps_per_epoch)
     optimizer = build_adamw(method.trainable_modules(), sched.lr[0], cfg.train.weight_decay,
-                            cfg.train.betas, device)
+                            cfg.train.betas, device, decay_all=method.decay_every_parameter)
     scaler = make_scaler(device, amp_dtype)
 
     last_step = sched.total_steps if cfg.train.max_steps <= 0 else min(sched.total_steps, cfg.train.max_steps)

@@ -99,3 +99,13 @@ def test_a_bias_is_never_decayed_whatever_its_shape():
     decay, no_decay = param_groups([m], 0.05)
     assert [id(p) for p in decay["params"]] == [id(m.proj.weight)]
     assert [id(p) for p in no_decay["params"]] == [id(m.proj.bias)]
+
+
+def test_decay_all_puts_every_trainable_parameter_in_the_decayed_group():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model[2].bias.requires_grad_(False)
+    decay, no_decay = param_groups([model], 0.1, decay_all=True)
+    assert decay["weight_decay"] == 0.1 and no_decay["params"] == []
+    assert [p.shape for p in decay["params"]] == [(4, 3), (4,), (4,), (4,), (2, 4)]  # not the frozen bias
+    split, rest = param_groups([model], 0.1)
+    assert [p.shape for p in split["params"]] == [(4, 3), (2, 4)] and len(rest["params"]) == 3

@@ -1,0 +1,54 @@
+"""MoCo v3's symmetric contrastive loss: in-batch keys gathered from every rank, scaled by 2T."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed as D
+
+
+def batch_contrastive(query: torch.Tensor, key: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo v3's ``contrastive_loss``: ``2T * CE(q @ k_all^T / T, labels)``, and the logits' similarities.
+
+    ``query`` ``(B, D)`` and ``key`` ``(B, D)`` (no gradient) are L2-normalised here; ``k_all`` ``(world * B, D)``
+    is every rank's keys in rank order, so the positive of local query ``i`` is global key ``B * rank + i``. The
+    gradient flows through this rank's queries only. Returns ``(loss, similarities (B, world * B))``.
+    """
+    q = F.normalize(query, dim=1)
+    k = D.gather_no_grad(F.normalize(key.detach(), dim=1))
+    sim = q @ k.t()
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * D.rank()
+    return F.cross_entropy(sim / temperature, labels) * (2 * temperature), sim
+
+
+class MoCoV3Loss(nn.Module):
+    """``ctr(q1, k2) + ctr(q2, k1)``: each view's predictions against the other view's momentum keys.
+
+    Computed in float32 whatever the autocast dtype (the dtype of the inputs if higher, e.g. float64 in tests).
+    Also returns, for monitoring, ``pos_sim`` (query to its positive key), ``neg_sim`` (mean cosine to the other
+    keys) and ``feature_std`` (spread of the normalised queries, about 1 when healthy, 0 when collapsed).
+    """
+
+    def __init__(self, temperature: float = 0.2):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All ``(B, D)``: ``q`` the predictions of the two views, ``k`` the momentum keys (no gradient)."""
+        with torch.autocast(device_type=q1.device.type, enabled=False):
+            dtype = torch.promote_types(q1.dtype, torch.float32)
+            q1, q2, k1, k2 = (x.to(dtype) for x in (q1, q2, k1, k2))
+            loss_1, sim_1 = batch_contrastive(q1, k2, self.temperature)
+            loss_2, sim_2 = batch_contrastive(q2, k1, self.temperature)
+            with torch.no_grad():
+                n, offset = sim_1.shape[0], sim_1.shape[0] * D.rank()
+                positive = torch.zeros_like(sim_1, dtype=torch.bool)
+                positive[torch.arange(n), torch.arange(n) + offset] = True
+                pos_sim = 0.5 * (sim_1[positive].mean() + sim_2[positive].mean())
+                neg_sim = 0.5 * (sim_1[~positive].mean() + sim_2[~positive].mean()) if sim_1.shape[1] > 1 else \
+                    torch.zeros((), dtype=dtype, device=q1.device)
+                unit = F.normalize(q1.detach(), dim=1)
+                feature_std = unit.std(0).mean() * unit.shape[1] ** 0.5
+            return {"loss": loss_1 + loss_2, "pos_sim": pos_sim, "neg_sim": neg_sim, "feature_std": feature_std}
