@@ -1,7 +1,8 @@
 """2 processes with batch B/2 each must train exactly like 1 process with batch B (CPU, gloo), for every method.
 
-This is what proves the key gathering into MoBY's queues, DINO's and EsViT's centres (means over the global
-batch) and the synchronised BatchNorms right. In
+This is what proves the key gathering into MoBY's queues and MoCo v3's in-batch keys (each rank's queries against
+every rank's keys, the positives at the rank's offset), DINO's and EsViT's centres (means over the global batch)
+and the synchronised BatchNorms right. In
 float64 losses, queues and every weight agree to rounding (1e-9). In float32 AdamW turns rounding
 differences in (mathematically) zero gradients, such as those of a bias followed by BatchNorm, into
 lr-sized steps, so there the losses and queues are compared and the weights only between ranks.
@@ -17,7 +18,7 @@ import torch.multiprocessing as mp
 from helpers import free_port
 
 from mobyssl import distributed as D
-from mobyssl.methods import DINO, EsViT, MoBY
+from mobyssl.methods import DINO, EsViT, MoBY, MoCoV3
 from mobyssl.models import create_backbone
 from mobyssl.models.sync_bn import convert_sync_batchnorm
 from mobyssl.train.optim import build_adamw
@@ -37,6 +38,9 @@ def _make_method(name):
 
         return MoBY(backbone, drop_path_rate=0.0, proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32,
                     queue_size=16, momentum=0.9)
+    if name == "mocov3":  # BatchNorms in every head layer, synchronised across ranks
+        return MoCoV3(lambda dpr: create_backbone("vit_nano_patch4_32", drop_path_rate=dpr, depth=1),
+                      proj_hidden_dim=32, proj_dim=16, momentum=0.9)
     heads = dict(drop_path_rate=0.0, out_dim=32, hidden_dim=16, bottleneck_dim=8, momentum=0.9, n_crops=4,
                  freeze_last_layer=0, norm_last_layer=False)
     if name == "dino":  # a BatchNorm head, synchronised across ranks
@@ -48,7 +52,7 @@ def _make_method(name):
 
 def _views(name, step):
     g = torch.Generator().manual_seed(100 + step)
-    sizes = [32, 32] if name == "moby" else [32, 32, 16, 16]  # DINO, EsViT: 2 global + 2 local crops
+    sizes = [32, 32] if name in ("moby", "mocov3") else [32, 32, 16, 16]  # DINO, EsViT: 2 global + 2 local crops
     return [torch.randn(B, 3, s, s, generator=g) for s in sizes]
 
 
@@ -57,11 +61,11 @@ def _train(rank, world, name="moby"):
     if world > 1:
         method = convert_sync_batchnorm(method, CPU)
     model = D.wrap_ddp(method, CPU)
-    opt = build_adamw(method.trainable_modules(), 1e-3, 0.05, (0.9, 0.999), CPU)
+    opt = build_adamw(method.trainable_modules(), 1e-3, 0.05, (0.9, 0.999), CPU, decay_all=method.decay_every_parameter)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = []
     share = B // world
-    clip_mode = "global" if name == "moby" else "per_parameter"
+    clip_mode = "global" if name in ("moby", "mocov3") else "per_parameter"
     for step in range(STEPS):
         views = [v[rank * share:(rank + 1) * share] for v in _views(name, step)]
         method.on_step_start(step, 10, 5)
@@ -89,16 +93,21 @@ TOLERANCE = {torch.float64: dict(loss=1e-9, atol=1e-9, rtol=1e-7), torch.float32
 # Buffers that the global batch feeds, and a weight that training must have moved, per method.
 SHARED = {"moby": ("criterion.queue_1.queue", "criterion.queue_2.queue", "criterion.queue_1.ptr"),
           "dino": ("criterion.center", "student_head.mlp.1.running_mean", "teacher_head.mlp.1.running_var"),
-          "esvit": ("criterion.center", "criterion.center_grid")}
+          "esvit": ("criterion.center", "criterion.center_grid"),
+          "mocov3": ("projector.net.1.running_mean", "predictor.net.1.running_var", "projector_target.net.7.running_var")}
 # Zero by construction in exact arithmetic (a batch-wide BatchNorm follows them, so their gradient vanishes): AdamW
 # turns rounding noise there into steps of ~1e-10 that differ between the two runs; compared to 1e-8.
-NOISE_ONLY = {"dino": r"^(student|teacher)(\.norm\.bias|_head\.mlp\.[03]\.bias|_head\.mlp\.[14]\.running_mean)$"}
-MOVED = {"moby": "predictor.net.0.weight", "dino": "student_head.mlp.0.weight", "esvit": "student_dense_head.mlp.0.weight"}
+NOISE_ONLY = {"dino": r"^(student|teacher)(\.norm\.bias|_head\.mlp\.[03]\.bias|_head\.mlp\.[14]\.running_mean)$",
+              # the final norm's bias (the class token then meets a bias-free Linear and a BatchNorm) and the key
+              # third of the qkv biases (a softmax does not see a shift shared by all keys)
+              "mocov3": r"^encoder(_target)?\.(norm\.bias|blocks\.\d+\.attn\.qkv\.bias)$"}
+MOVED = {"moby": "predictor.net.0.weight", "dino": "student_head.mlp.0.weight", "esvit": "student_dense_head.mlp.0.weight",
+         "mocov3": "encoder.blocks.0.attn.qkv.weight"}
 
 
 @pytest.mark.parametrize("name, dtype", [("moby", torch.float64), ("moby", torch.float32), ("dino", torch.float64),
-                                         ("esvit", torch.float64)],
-                         ids=["moby-float64", "moby-float32", "dino-float64", "esvit-float64"])
+                                         ("esvit", torch.float64), ("mocov3", torch.float64)],
+                         ids=["moby-float64", "moby-float32", "dino-float64", "esvit-float64", "mocov3-float64"])
 def test_two_processes_match_one_process(tmp_path, name, dtype):
     tol = TOLERANCE[dtype]
     default = torch.get_default_dtype()
