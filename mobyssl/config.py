@@ -309,6 +309,11 @@ class TrainConfig(Section):
     max_steps: Int = opt(
         0, "Stop after this many optimizer steps (0: run all epochs). Schedules keep their full length.",
         on_resume=SAFE, ge=0, le=10**12)
+    pictures_every: Int = opt(
+        1, "Write the method's pictures (SiT: corrupted input, reconstruction, original, mask) as PNGs in "
+        "<output_dir>/pictures every N epochs, from the first batch of the epoch (0: never; methods without "
+        "pictures write nothing). Drawn on the side: the training trajectory is the same either way.",
+        on_resume=SAFE, ge=0, le=10**6)
 
     @model_validator(mode="after")
     def _relations(self):

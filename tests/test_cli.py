@@ -305,7 +305,7 @@ def test_config_schema_is_json_with_each_methods_options_and_bounds(capsys):
     method = schema["properties"]["method"]["oneOf"]
     options = {d["properties"]["name"]["const"]: d for d in (schema["$defs"][m["$ref"].rsplit("/", 1)[1]]
                                                              for m in method)}
-    assert set(options) == {"moby", "dino", "esvit", "mocov3"}  # one entry per registered method, by method.name
+    assert set(options) == {"moby", "dino", "esvit", "mocov3", "sit"}  # one per registered method, by method.name
     assert options["moby"]["properties"]["queue_size"]["minimum"] == 1
     assert "queue_size" not in options["dino"]["properties"]
     assert options["dino"]["properties"]["teacher_temp"]["exclusiveMinimum"] == 0

@@ -35,6 +35,10 @@ SHIPPED = [
     "mocov3_vit_small_cifar10",
     "mocov3_vit_small_in1k",
     "quickstart",
+    "sit_quickstart",
+    "sit_vit_small_cifar10",
+    "sit_vit_small_in1k",
+    "sit_vit_small_small_data",
 ]
 
 
@@ -254,6 +258,29 @@ def test_mocov3_recipe_is_the_official_vit_small_recipe():
     small = load_config("mocov3_vit_small_cifar10")
     assert small.data == load_config("moby_swin_cifar10").data and small.model.backbone == "vit_small_patch4_32"
     assert small.model.kwargs == {"num_heads": 12} and small.method == c.method
+
+
+def test_sit_recipe_is_its_authors_current_defaults():
+    """../shared/specs/sit-mocov3.md S1-S6: main.py's defaults; README: 4 GPUs x 64; small data: lmbda 5."""
+    c = load_config("sit_vit_small_in1k")
+    t, m, a = c.train, c.method, c.data.aug
+    assert m.name == "sit" and c.model.backbone == "vit_small_patch16_224" and c.model.kwargs == {}
+    assert (m.out_dim, m.hidden_dim, m.head_layers, m.temperature, m.lmbda, m.momentum) == (256, 4096, 3, 0.2, 1.0,
+                                                                                         0.996)
+    assert (m.drop_perc, m.drop_replace, m.drop_align, m.drop_type) == (0.5, 0.3, 1, ["zeros"])
+    assert m.crop_scale == [0.2, 1.0] and a.blur_prob == [1.0, 0.1] and a.solarize_prob == [0.0, 0.2]
+    assert (t.epochs, t.warmup_epochs, t.batch_size, t.lr_ref_batch) == (800, 10, 256, 256)
+    assert t.lr == pytest.approx(5e-4) and t.warmup_lr == 0.0
+    assert t.min_lr * t.batch_size / t.lr_ref_batch == pytest.approx(1e-6)
+    assert (t.weight_decay, t.weight_decay_end) == (pytest.approx(0.04), pytest.approx(0.1))
+    assert t.clip_grad == 3.0 and t.clip_mode == "per_parameter"
+    assert (c.model.drop_path_rate, c.model.target_drop_path_rate) == (0.1, 0.0)
+    small = load_config("sit_vit_small_small_data")
+    assert small.method.lmbda == 5.0 and small.data.image_size == 224
+    assert small.method.model_dump(exclude={"lmbda"}) == m.model_dump(exclude={"lmbda"})
+    cifar = load_config("sit_vit_small_cifar10")
+    assert cifar.data == load_config("moby_swin_cifar10").data and cifar.model.backbone == "vit_small_patch4_32"
+    assert cifar.method == small.method
 
 
 def test_dataclass_defaults_match_paper_recipe():

@@ -23,12 +23,27 @@ def batch_contrastive(query: torch.Tensor, key: torch.Tensor, temperature: float
     return F.cross_entropy(sim / temperature, labels) * (2 * temperature), sim
 
 
+def contrastive_stats(sim_1: torch.Tensor, sim_2: torch.Tensor, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What to log of a symmetric in-batch contrastive loss: ``pos_sim`` (query to its own key), ``neg_sim`` (mean
+    cosine to the other keys; 0 without any) and ``feature_std`` (spread of the normalised ``queries`` ``(B, D)``:
+    about 1 when healthy, 0 when collapsed). ``sim_*``: ``(B, world * B)`` similarities of ``batch_contrastive``."""
+    with torch.no_grad():  # in the body: mutation testing skips decorated functions
+        n = sim_1.shape[0]
+        positive = torch.zeros_like(sim_1, dtype=torch.bool)
+        positive[torch.arange(n), torch.arange(n) + n * D.rank()] = True
+        pos_sim = 0.5 * (sim_1[positive].mean() + sim_2[positive].mean())
+        neg_sim = (0.5 * (sim_1[~positive].mean() + sim_2[~positive].mean()) if sim_1.shape[1] > 1
+                   else torch.zeros((), dtype=sim_1.dtype, device=sim_1.device))
+        unit = F.normalize(queries.detach(), dim=1)
+        feature_std = unit.std(0).mean() * unit.shape[1] ** 0.5
+        return {"pos_sim": pos_sim, "neg_sim": neg_sim, "feature_std": feature_std}
+
+
 class MoCoV3Loss(nn.Module):
     """``ctr(q1, k2) + ctr(q2, k1)``: each view's predictions against the other view's momentum keys.
 
     Computed in float32 whatever the autocast dtype (the dtype of the inputs if higher, e.g. float64 in tests).
-    Also returns, for monitoring, ``pos_sim`` (query to its positive key), ``neg_sim`` (mean cosine to the other
-    keys) and ``feature_std`` (spread of the normalised queries, about 1 when healthy, 0 when collapsed).
+    Also returns, for monitoring, ``contrastive_stats``: ``pos_sim``, ``neg_sim`` and ``feature_std``.
     """
 
     def __init__(self, temperature: float = 0.2):
@@ -42,13 +57,4 @@ class MoCoV3Loss(nn.Module):
             q1, q2, k1, k2 = (x.to(dtype) for x in (q1, q2, k1, k2))
             loss_1, sim_1 = batch_contrastive(q1, k2, self.temperature)
             loss_2, sim_2 = batch_contrastive(q2, k1, self.temperature)
-            with torch.no_grad():
-                n, offset = sim_1.shape[0], sim_1.shape[0] * D.rank()
-                positive = torch.zeros_like(sim_1, dtype=torch.bool)
-                positive[torch.arange(n), torch.arange(n) + offset] = True
-                pos_sim = 0.5 * (sim_1[positive].mean() + sim_2[positive].mean())
-                neg_sim = 0.5 * (sim_1[~positive].mean() + sim_2[~positive].mean()) if sim_1.shape[1] > 1 else \
-                    torch.zeros((), dtype=dtype, device=q1.device)
-                unit = F.normalize(q1.detach(), dim=1)
-                feature_std = unit.std(0).mean() * unit.shape[1] ** 0.5
-            return {"loss": loss_1 + loss_2, "pos_sim": pos_sim, "neg_sim": neg_sim, "feature_std": feature_std}
+            return {"loss": loss_1 + loss_2, **contrastive_stats(sim_1, sim_2, q1)}

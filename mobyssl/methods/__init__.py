@@ -6,5 +6,6 @@ from .esvit import EsViT
 from .moby import MoBY
 from .mocov3 import MoCoV3
 from .registry import METHODS, get_method, register_method
+from .sit import SiT
 
-__all__ = ["DINO", "EsViT", "Method", "MoBY", "MoCoV3", "METHODS", "get_method", "register_method"]
+__all__ = ["DINO", "EsViT", "Method", "MoBY", "MoCoV3", "SiT", "METHODS", "get_method", "register_method"]

@@ -38,6 +38,9 @@ class Method(nn.Module):
     # Weight decay on every trainable parameter (MoCo v3's single AdamW group); otherwise biases and 1-D parameters
     # (norms, scales) are not decayed (MoBY's, DINO's).
     decay_every_parameter: ClassVar[bool] = False
+    # The lr warm-up's last step already at the peak (DINO's np.linspace with its endpoint: DINO, EsViT, SiT);
+    # otherwise one step below it (timm's and MoCo v3's lr * step / warmup_steps: MoBY, MoCo v3).
+    warmup_ends_at_peak: ClassVar[bool] = False
 
     @property
     def backbone(self) -> nn.Module:
@@ -69,6 +72,13 @@ class Method(nn.Module):
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def pictures(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Images that show what the method learns, from a batch of training ``views``: ``{name: (3, H, W)}``
+        floats in [0, 1] (SiT: its reconstructions). The trainer calls it in eval mode, without gradients and with
+        the random state restored afterwards, and writes each as ``pictures/<name>_epochNNNNN.png``. None by
+        default."""
+        return {}
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, target) module pairs updated by EMA after each optimizer step."""

@@ -138,6 +138,7 @@ class DINO(Method):
     Options = DINOOptions
     criterion_class = DINOLoss
     heads_per_branch = 1  # DINO heads on the student (and as many on the teacher)
+    warmup_ends_at_peak = True  # utils.cosine_scheduler's np.linspace(start, base, warmup_iters)
 
     def __init__(self, backbone_fn: BackboneFn, drop_path_rate: float = 0.1, teacher_drop_path_rate: float = 0.0,
                  out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256, head_layers: int = 3,

@@ -91,3 +91,55 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+def _trunc_normal_linear(linear: nn.Linear) -> nn.Linear:
+    nn.init.trunc_normal_(linear.weight, std=0.02)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
+class SiTHead(nn.Module):
+    """SiT's contrastive head on the class token: ``Linear(in, hidden) BN ReLU``, then ``Linear(hidden, hidden) BN
+    GELU`` for each middle layer, then ``Linear(hidden, out) BN(affine=False)`` (one Linear when ``n_layers == 1``).
+    The activations are mixed as in SiT's code; every Linear has a bias (0) and truncated-normal (0.02) weights.
+
+    Shapes: ``(B, in_dim) -> (B, out_dim)``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 256, hidden_dim: int = 4096, n_layers: int = 3):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"SiTHead needs n_layers >= 1, got {n_layers}")
+        if n_layers == 1:
+            layers: list[nn.Module] = [_trunc_normal_linear(nn.Linear(in_dim, out_dim))]
+        else:
+            layers = [_trunc_normal_linear(nn.Linear(in_dim, hidden_dim)), nn.BatchNorm1d(hidden_dim), nn.ReLU()]
+            for _ in range(n_layers - 2):
+                layers += [_trunc_normal_linear(nn.Linear(hidden_dim, hidden_dim)), nn.BatchNorm1d(hidden_dim), nn.GELU()]
+            layers += [_trunc_normal_linear(nn.Linear(hidden_dim, out_dim)), nn.BatchNorm1d(out_dim, affine=False)]
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class ReconstructionHead(nn.Module):
+    """SiT's pixel decoder: ``[Linear(D, D), GELU] x 3`` on every patch token, then a ``ConvTranspose2d(D, 3, p,
+    stride p)`` that paints each token's own ``p x p`` patch (PyTorch's default init, as SiT's).
+
+    Shapes: ``(B, N, D)`` patch tokens of a square ``s x s`` grid in raster order ``-> (B, 3, s p, s p)``.
+    """
+
+    def __init__(self, dim: int, patch_size: int, in_chans: int = 3):
+        super().__init__()
+        self.mlp = nn.Sequential(*[m for _ in range(3) for m in (_trunc_normal_linear(nn.Linear(dim, dim)), nn.GELU())])
+        self.to_pixels = nn.ConvTranspose2d(dim, in_chans, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        side = int(round(tokens.shape[1] ** 0.5))
+        if side * side != tokens.shape[1]:
+            raise ValueError(f"ReconstructionHead needs a square token grid, got {tokens.shape[1]} tokens")
+        x = self.mlp(tokens).transpose(1, 2).unflatten(2, (side, side))
+        return self.to_pixels(x)

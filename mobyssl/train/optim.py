@@ -26,10 +26,14 @@ def param_groups(modules: list[nn.Module], weight_decay: float, decay_all: bool 
 
 
 def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                  warmup_start: float = 0.0) -> np.ndarray:
-    """Per-step values: linear ``warmup_start -> base`` over ``warmup_steps``, then cosine ``base -> final``."""
+                  warmup_start: float = 0.0, warmup_ends_at_peak: bool = False) -> np.ndarray:
+    """Per-step values: linear ``warmup_start -> base`` over ``warmup_steps``, then cosine ``base -> final``
+    (``final`` itself is not reached). The last warm-up step takes ``base`` itself with ``warmup_ends_at_peak``
+    (DINO's ``np.linspace`` with its endpoint, so the peak comes twice), one step below it otherwise (timm's and
+    MoCo v3's ``base * step / warmup_steps``)."""
     warmup_steps = min(warmup_steps, total_steps)
-    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.array([])
+    warm = (np.linspace(warmup_start, base, warmup_steps, endpoint=warmup_ends_at_peak) if warmup_steps
+            else np.array([]))
     n = total_steps - warmup_steps
     t = np.arange(n)
     cos = final + 0.5 * (base - final) * (1 + np.cos(math.pi * t / max(n, 1)))

@@ -87,14 +87,42 @@ class Schedules:
     weight_decay: list | None = None
 
 
-def make_schedules(cfg: Config, steps_per_epoch: int) -> Schedules:
+def make_schedules(cfg: Config, steps_per_epoch: int, warmup_ends_at_peak: bool = False) -> Schedules:
+    """The run's per-step lr (and weight decay) schedules; ``warmup_ends_at_peak``: the method's
+    ``Method.warmup_ends_at_peak`` (DINO's warm-up form)."""
     t = cfg.train
     scale = t.batch_size / t.lr_ref_batch
     total = t.epochs * steps_per_epoch
     lr = warmup_cosine(t.lr * scale, t.min_lr * scale, total, int(round(t.warmup_epochs * steps_per_epoch)),
-                       t.warmup_lr * scale)
+                       t.warmup_lr * scale, warmup_ends_at_peak)
     wd = None if t.weight_decay_end is None else warmup_cosine(t.weight_decay, t.weight_decay_end, total).tolist()
     return Schedules(lr=lr.tolist(), total_steps=total, steps_per_epoch=steps_per_epoch, weight_decay=wd)
+
+
+def write_pictures(method, views: list, folder: Path, epoch: int, warn=print) -> list[Path]:
+    """``method.pictures(views)`` as ``folder/<name>_epochNNNNN.png``, drawn in eval mode without gradients and with
+    the RNG states (CPU and the views' GPU) restored, so the training trajectory does not depend on it. A failure
+    to write is reported with ``warn`` and training goes on."""
+    from torchvision.utils import save_image
+
+    device = views[0].device
+    was_training = method.training
+    method.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            pictures = method.pictures(views)
+    finally:
+        method.train(was_training)
+    written = []
+    for name, image in pictures.items():
+        path = folder / f"{name}_epoch{epoch:05d}.png"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_image(image.float().clamp(0, 1).cpu(), path)
+            written.append(path)
+        except OSError as e:
+            warn(f"warning: could not write {path}: {e}; training goes on")
+    return written
 
 
 def train_step(model, views: list, optimizer, scaler, lr: float, clip_grad: float | None,
@@ -259,7 +287,7 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
         # global RNG that drop path uses, or a resumed run would diverge from an uninterrupted one.
         loader = build.make_loader(dataset, batch // world, cfg.data.num_workers, device, drop_last=True,
                                    sampler=sampler, generator=torch.Generator().manual_seed(cfg.train.seed))
-    sched = make_schedules(cfg, steps_per_epoch)
+    sched = make_schedules(cfg, steps_per_epoch, method.warmup_ends_at_peak)
     optimizer = build_adamw(method.trainable_modules(), sched.lr[0], cfg.train.weight_decay,
                             cfg.train.betas, device, decay_all=method.decay_every_parameter)
     scaler = make_scaler(device, amp_dtype)
@@ -339,6 +367,9 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
                     lr = sched.lr[global_step]
                     wd = sched.weight_decay[global_step] if sched.weight_decay else None
                     views = [v.to(device, non_blocking=True) for v in views]
+                    if (main and cfg.train.pictures_every and global_step % steps_per_epoch == 0
+                            and epoch % cfg.train.pictures_every == 0):
+                        write_pictures(method, views, out / "pictures", epoch, progress.write)
                     method.on_step_start(global_step, sched.total_steps, steps_per_epoch)
                     outputs, ok = train_step(model, views, optimizer, scaler, lr, cfg.train.clip_grad, amp_dtype, accum,
                                              weight_decay=wd, clip_mode=cfg.train.clip_mode, epoch=epoch)

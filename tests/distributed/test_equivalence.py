@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from helpers import free_port
 
 from mobyssl import distributed as D
-from mobyssl.methods import DINO, EsViT, MoBY, MoCoV3
+from mobyssl.methods import DINO, EsViT, MoBY, MoCoV3, SiT
 from mobyssl.models import create_backbone
 from mobyssl.models.sync_bn import convert_sync_batchnorm
 from mobyssl.train.optim import build_adamw
@@ -38,6 +38,11 @@ def _make_method(name):
 
         return MoBY(backbone, drop_path_rate=0.0, proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32,
                     queue_size=16, momentum=0.9)
+    if name == "sit":
+        method = SiT(lambda dpr: create_backbone("vit_nano_patch4_32", drop_path_rate=dpr, depth=1), out_dim=16,
+                     hidden_dim=32, drop_path_rate=0.0, momentum=0.9)
+        method.corruption = _top_half_zeroed
+        return method
     if name == "mocov3":  # BatchNorms in every head layer, synchronised across ranks
         return MoCoV3(lambda dpr: create_backbone("vit_nano_patch4_32", drop_path_rate=dpr, depth=1),
                       proj_hidden_dim=32, proj_dim=16, momentum=0.9)
@@ -50,9 +55,19 @@ def _make_method(name):
                                                                multi_size=multi_size, depths=(1, 1, 1, 1)), **heads)
 
 
+def _top_half_zeroed(images):
+    """A corruption that is the same whatever the batch split: the top half of every image zeroed. SiT's own draws
+    per-rank random blocks (replacement sources from the rank's own batch, as the official code does), and its
+    reconstruction loss is each rank's mean over its masked pixels, so only equal masks per image make 2 x B/2
+    equal 1 x B."""
+    mask = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.bool)
+    mask[:, : images.shape[2] // 2] = True
+    return images.masked_fill(mask[:, None], 0.0), mask
+
+
 def _views(name, step):
     g = torch.Generator().manual_seed(100 + step)
-    sizes = [32, 32] if name in ("moby", "mocov3") else [32, 32, 16, 16]  # DINO, EsViT: 2 global + 2 local crops
+    sizes = [32, 32] if name in ("moby", "mocov3", "sit") else [32, 32, 16, 16]  # DINO, EsViT: 2 global + 2 local crops
     return [torch.randn(B, 3, s, s, generator=g) for s in sizes]
 
 
@@ -65,7 +80,7 @@ def _train(rank, world, name="moby"):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = []
     share = B // world
-    clip_mode = "global" if name in ("moby", "mocov3") else "per_parameter"
+    clip_mode = "global" if name in ("moby", "mocov3") else "per_parameter"  # SiT clips like DINO
     for step in range(STEPS):
         views = [v[rank * share:(rank + 1) * share] for v in _views(name, step)]
         method.on_step_start(step, 10, 5)
@@ -94,20 +109,24 @@ TOLERANCE = {torch.float64: dict(loss=1e-9, atol=1e-9, rtol=1e-7), torch.float32
 SHARED = {"moby": ("criterion.queue_1.queue", "criterion.queue_2.queue", "criterion.queue_1.ptr"),
           "dino": ("criterion.center", "student_head.mlp.1.running_mean", "teacher_head.mlp.1.running_var"),
           "esvit": ("criterion.center", "criterion.center_grid"),
-          "mocov3": ("projector.net.1.running_mean", "predictor.net.1.running_var", "projector_target.net.7.running_var")}
+          "mocov3": ("projector.net.1.running_mean", "predictor.net.1.running_var", "projector_target.net.7.running_var"),
+          "sit": ("student_head.mlp.1.running_mean", "teacher_head.mlp.7.running_var")}
 # Zero by construction in exact arithmetic (a batch-wide BatchNorm follows them, so their gradient vanishes): AdamW
 # turns rounding noise there into steps of ~1e-10 that differ between the two runs; compared to 1e-8.
 NOISE_ONLY = {"dino": r"^(student|teacher)(\.norm\.bias|_head\.mlp\.[03]\.bias|_head\.mlp\.[14]\.running_mean)$",
               # the final norm's bias (the class token then meets a bias-free Linear and a BatchNorm) and the key
               # third of the qkv biases (a softmax does not see a shift shared by all keys)
-              "mocov3": r"^encoder(_target)?\.(norm\.bias|blocks\.\d+\.attn\.qkv\.bias)$"}
+              "mocov3": r"^encoder(_target)?\.(norm\.bias|blocks\.\d+\.attn\.qkv\.bias)$",
+              # the contrastive head's biases before its BatchNorms, and those BatchNorms' running means
+              "sit": r"^(student|teacher)_head\.mlp\.([036]\.bias|[147]\.running_mean)$"}
 MOVED = {"moby": "predictor.net.0.weight", "dino": "student_head.mlp.0.weight", "esvit": "student_dense_head.mlp.0.weight",
-         "mocov3": "encoder.blocks.0.attn.qkv.weight"}
+         "mocov3": "encoder.blocks.0.attn.qkv.weight", "sit": "student_decoder.to_pixels.weight"}
 
 
 @pytest.mark.parametrize("name, dtype", [("moby", torch.float64), ("moby", torch.float32), ("dino", torch.float64),
-                                         ("esvit", torch.float64), ("mocov3", torch.float64)],
-                         ids=["moby-float64", "moby-float32", "dino-float64", "esvit-float64", "mocov3-float64"])
+                                         ("esvit", torch.float64), ("mocov3", torch.float64), ("sit", torch.float64)],
+                         ids=["moby-float64", "moby-float32", "dino-float64", "esvit-float64", "mocov3-float64",
+                              "sit-float64"])
 def test_two_processes_match_one_process(tmp_path, name, dtype):
     tol = TOLERANCE[dtype]
     default = torch.get_default_dtype()

@@ -44,9 +44,14 @@ MULTICROP = ["train.batch_size=16", "method.out_dim=64", "method.hidden_dim=32",
 
 def _kill_resume_args(method, tiny_overrides):
     """(pretrain arguments, steps, step to kill after, state keys that must move): a kill mid-epoch 0 and a
-    resumed run that crosses into epoch 1 (MoBY, MoCo v3: 31 steps per epoch; DINO/EsViT: 62)."""
+    resumed run that crosses into epoch 1 (MoBY, MoCo v3, SiT: 31 steps per epoch; DINO/EsViT: 62)."""
     if method == "moby":
         return ["pretrain", *tiny_overrides], 36, 17, ["criterion.queue_2.queue", "encoder_target.pos_embed"]
+    if method == "sit":  # the corruption draws from the global RNG: a resume must restore it
+        tiny = [o for o in tiny_overrides if not o.startswith("method.")]
+        return ["pretrain", "--config", "sit_quickstart", *tiny, "method.hidden_dim=32", "method.out_dim=16",
+                "method.drop_type=[zeros, noise, copy]"], 36, 17, ["teacher.blocks.0.attn.qkv.weight",
+                                                                   "student_decoder.to_pixels.weight"]
     if method == "mocov3":
         tiny = [o for o in tiny_overrides if not o.startswith("method.")]
         return ["pretrain", "--config", "mocov3_quickstart", *tiny, "method.proj_hidden_dim=32", "method.proj_dim=16"], \
@@ -59,7 +64,7 @@ def _kill_resume_args(method, tiny_overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["moby", "dino", "esvit", "mocov3"])
+@pytest.mark.parametrize("method", ["moby", "dino", "esvit", "mocov3", "sit"])
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_trajectory(tmp_path, tiny_overrides, method):
     args, steps, kill_after, moving = _kill_resume_args(method, tiny_overrides)
     common = [*args, "data.num_workers=1", f"train.max_steps={steps}", "train.save_every_steps=5",

@@ -109,3 +109,10 @@ def test_decay_all_puts_every_trainable_parameter_in_the_decayed_group():
     assert [p.shape for p in decay["params"]] == [(4, 3), (4,), (4,), (4,), (2, 4)]  # not the frozen bias
     split, rest = param_groups([model], 0.1)
     assert [p.shape for p in split["params"]] == [(4, 3), (2, 4)] and len(rest["params"]) == 3
+
+
+def test_warmup_ending_at_the_peak_is_dinos_linspace():
+    s = warmup_cosine(2.0, 0.5, total_steps=8, warmup_steps=4, warmup_start=0.4, warmup_ends_at_peak=True)
+    # DINO's utils.cosine_scheduler: np.linspace(0.4, 2.0, 4) with its endpoint, so the peak comes twice.
+    assert s[:4] == pytest.approx([0.4, 0.4 + 1.6 / 3, 0.4 + 3.2 / 3, 2.0], rel=1e-12)
+    assert s[4:] == pytest.approx([0.5 + 0.75 * (1 + math.cos(math.pi * t / 4)) for t in range(4)], rel=1e-12)

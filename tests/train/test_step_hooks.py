@@ -127,3 +127,27 @@ def test_the_trainer_calls_the_hooks_with_the_step_and_its_epoch(tiny_cfg, monke
     pretrain(cfg)
     assert starts == [(i, 10, 5) for i in range(6)]  # 0-based: the index into every schedule
     assert after == [0, 0, 0, 0, 0, 1]  # 1,000 images in batches of 200: 5 steps per epoch
+
+
+SMALL_HEADS = {"moby": {}, "mocov3": {"proj_hidden_dim": 16, "proj_dim": 8}, "sit": {"hidden_dim": 16, "out_dim": 8},
+               "dino": {"out_dim": 64, "hidden_dim": 16, "bottleneck_dim": 8, "local_crops_number": 0},
+               "esvit": {"out_dim": 64, "hidden_dim": 16, "bottleneck_dim": 8, "local_crops_number": 0}}
+
+
+@pytest.mark.parametrize("method, peak_on_last_warmup_step", [("moby", False), ("mocov3", False), ("dino", True),
+                                                               ("esvit", True), ("sit", True)])
+def test_each_method_gets_its_own_warmup_form(tiny_cfg, monkeypatch, method, peak_on_last_warmup_step):
+    from mobyssl.methods import get_method
+
+    assert get_method(method).warmup_ends_at_peak is peak_on_last_warmup_step
+    seen = []
+    real = trainer.make_schedules
+    monkeypatch.setattr(trainer, "make_schedules", lambda *a: seen.append(a[2]) or real(*a))
+    cfg = tiny_cfg("train.knn_every=-1", "train.max_steps=1")
+    if method != "moby":  # the tiny config's method.* keys are MoBY's
+        cfg.method = get_method(method).Options(name=method, **SMALL_HEADS[method])
+    pretrain(cfg)
+    assert seen == [peak_on_last_warmup_step]
+    s = real(cfg, 5, peak_on_last_warmup_step)  # 1 warm-up epoch of 5 steps
+    peak = cfg.train.lr * cfg.train.batch_size / cfg.train.lr_ref_batch
+    assert (s.lr[4] == pytest.approx(peak)) is peak_on_last_warmup_step
