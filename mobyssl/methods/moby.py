@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from ..config import ARCHITECTURE, Float, Int, MethodOptions, Text, method_name, opt, register_method_options
-from ..data.gpu_augment import BatchMoBYAugment
-from ..data.transforms import moby_transform
 from ..losses import MoBYLoss
 from ..models import MLPHead, feature_dim
-from ..models.momentum import copy_weights
-from .base import BackboneFn, Method, contrastive_collapse_signs
+from .base import BackboneFn, contrastive_collapse_signs
 from .registry import register_method
+from .two_views import PredictorMomentumMethod
 
 
 @register_method_options
@@ -33,14 +28,13 @@ class MoBYOptions(MethodOptions):
 
 
 @register_method
-class MoBY(Method):
+class MoBY(PredictorMomentumMethod):
     """Online: encoder -> projector -> predictor. Target: encoder -> projector, an EMA of the online pair.
 
     Loss: ``InfoNCE(pred(v1), target(v2), queue_2) + InfoNCE(pred(v2), target(v1), queue_1)``.
     """
 
     name = "moby"
-    backbone_key = "encoder"
     Options = MoBYOptions
 
     def __init__(self, backbone_fn: BackboneFn, drop_path_rate: float = 0.2, target_drop_path_rate: float = 0.0,
@@ -48,15 +42,12 @@ class MoBY(Method):
                  queue_size: int = 4096, temperature: float = 0.2, momentum: float = 0.99):
         super().__init__()
         self.base_momentum = momentum
-        self.encoder = backbone_fn(drop_path_rate)
-        dim = feature_dim(self.encoder)
-        self.projector = MLPHead(dim, proj_hidden_dim, proj_dim)
-        self.predictor = MLPHead(proj_dim, pred_hidden_dim, proj_dim)
-        # The target is built separately so it gets its own (lower) drop-path rate.
-        self.encoder_target = backbone_fn(target_drop_path_rate)
-        self.projector_target = MLPHead(dim, proj_hidden_dim, proj_dim)
-        copy_weights(self.encoder, self.encoder_target)
-        copy_weights(self.projector, self.projector_target)
+        encoder = backbone_fn(drop_path_rate)
+        dim = feature_dim(encoder)
+        projector = MLPHead(dim, proj_hidden_dim, proj_dim)
+        predictor = MLPHead(proj_dim, pred_hidden_dim, proj_dim)
+        self.build_branches(encoder, projector, predictor, backbone_fn(target_drop_path_rate),
+                            MLPHead(dim, proj_hidden_dim, proj_dim))
         self.criterion = MoBYLoss(proj_dim, queue_size, temperature)
 
     @classmethod
@@ -65,39 +56,9 @@ class MoBY(Method):
         return cls(backbone_fn, cfg.model.drop_path_rate, cfg.model.target_drop_path_rate,
                    m.proj_hidden_dim, m.proj_dim, m.pred_hidden_dim, m.queue_size, m.temperature, m.momentum)
 
-    @staticmethod
-    def train_transform(cfg):
-        return moby_transform(cfg.data.image_size, cfg.data.aug, cfg.data.normalization)
-
-    @staticmethod
-    def device_transform(cfg):
-        return BatchMoBYAugment(cfg.data.image_size, cfg.data.aug, cfg.data.normalization)
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder
-
-    def momentum_pairs(self):
-        return [(self.encoder, self.encoder_target), (self.projector, self.projector_target)]
-
     def check_setup(self, global_batch_size: int) -> None:
         self.criterion.check_batch(global_batch_size)
-
-    def trainable_modules(self):
-        return [self.encoder, self.projector, self.predictor]
 
     def collapse_signs(self, stats: dict[str, float]) -> str | None:
         """``feature_std`` under 0.1, or ``neg_sim`` (mean cosine similarity to the queue) over 0.9."""
         return contrastive_collapse_signs(stats, "every queued one")
-
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``views``: two ``(B, 3, H, W)`` batches of the same images under the two augmentations."""
-        if len(views) != 2:
-            raise ValueError(f"MoBY takes exactly 2 views, got {len(views)}")
-        x1, x2 = views
-        pred_1 = self.predictor(self.projector(self.encoder(x1)))
-        pred_2 = self.predictor(self.projector(self.encoder(x2)))
-        with torch.no_grad():
-            target_1 = self.projector_target(self.encoder_target(x1))
-            target_2 = self.projector_target(self.encoder_target(x2))
-        return self.criterion(pred_1, pred_2, target_1, target_2)

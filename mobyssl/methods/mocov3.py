@@ -3,18 +3,13 @@ momentum keys, the negatives being the other images of the (global) batch; no qu
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from ..config import ARCHITECTURE, Float, Int, MethodOptions, Text, method_name, opt, register_method_options
-from ..data.gpu_augment import BatchMoBYAugment
-from ..data.transforms import moby_transform
 from ..losses import MoCoV3Loss
 from ..models import MoCoMLP, feature_dim
 from ..models.mocov3_vit import make_mocov3_vit
-from ..models.momentum import copy_weights
-from .base import BackboneFn, Method, contrastive_collapse_signs
+from .base import BackboneFn, contrastive_collapse_signs
 from .registry import register_method
+from .two_views import PredictorMomentumMethod
 
 
 @register_method_options
@@ -40,7 +35,7 @@ class MoCoV3Options(MethodOptions):
 
 
 @register_method
-class MoCoV3(Method):
+class MoCoV3(PredictorMomentumMethod):
     """Online: ViT -> projector -> predictor. Keys: ViT -> projector, an EMA of the online pair (parameters only).
 
     Loss: ``ctr(pred(v1), key(v2)) + ctr(pred(v2), key(v1))`` (:class:`~mobyssl.losses.MoCoV3Loss`). The ViT gets
@@ -49,7 +44,6 @@ class MoCoV3(Method):
     """
 
     name = "mocov3"
-    backbone_key = "encoder"
     Options = MoCoV3Options
     decay_every_parameter = True
 
@@ -58,14 +52,12 @@ class MoCoV3(Method):
                  stop_grad_patch_embed: bool = True, sincos_pos_embed: bool = True):
         super().__init__()
         self.base_momentum = momentum
-        self.encoder = make_mocov3_vit(backbone_fn(drop_path_rate), sincos_pos_embed, stop_grad_patch_embed)
-        dim = feature_dim(self.encoder)
-        self.projector = MoCoMLP(3, dim, proj_hidden_dim, proj_dim)
-        self.predictor = MoCoMLP(2, proj_dim, proj_hidden_dim, proj_dim)
-        self.encoder_target = backbone_fn(target_drop_path_rate)
-        self.projector_target = MoCoMLP(3, dim, proj_hidden_dim, proj_dim)
-        copy_weights(self.encoder, self.encoder_target)
-        copy_weights(self.projector, self.projector_target)
+        encoder = make_mocov3_vit(backbone_fn(drop_path_rate), sincos_pos_embed, stop_grad_patch_embed)
+        dim = feature_dim(encoder)
+        projector = MoCoMLP(3, dim, proj_hidden_dim, proj_dim)
+        predictor = MoCoMLP(2, proj_dim, proj_hidden_dim, proj_dim)
+        self.build_branches(encoder, projector, predictor, backbone_fn(target_drop_path_rate),
+                            MoCoMLP(3, dim, proj_hidden_dim, proj_dim))
         self.criterion = MoCoV3Loss(temperature)
 
     @classmethod
@@ -74,36 +66,6 @@ class MoCoV3(Method):
         return cls(backbone_fn, cfg.model.drop_path_rate, cfg.model.target_drop_path_rate, m.proj_hidden_dim,
                    m.proj_dim, m.temperature, m.momentum, m.stop_grad_patch_embed, m.sincos_pos_embed)
 
-    @staticmethod
-    def train_transform(cfg):
-        return moby_transform(cfg.data.image_size, cfg.data.aug, cfg.data.normalization)
-
-    @staticmethod
-    def device_transform(cfg):
-        return BatchMoBYAugment(cfg.data.image_size, cfg.data.aug, cfg.data.normalization)
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder
-
-    def momentum_pairs(self):
-        return [(self.encoder, self.encoder_target), (self.projector, self.projector_target)]
-
-    def trainable_modules(self):
-        return [self.encoder, self.projector, self.predictor]
-
     def collapse_signs(self, stats: dict[str, float]) -> str | None:
         """``feature_std`` under 0.1, or ``neg_sim`` (mean cosine similarity to the other keys) over 0.9."""
         return contrastive_collapse_signs(stats, "every other one in the batch")
-
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``views``: two ``(B, 3, H, W)`` batches of the same images under the two augmentations."""
-        if len(views) != 2:
-            raise ValueError(f"MoCo v3 takes exactly 2 views, got {len(views)}")
-        x1, x2 = views
-        q1 = self.predictor(self.projector(self.encoder(x1)))
-        q2 = self.predictor(self.projector(self.encoder(x2)))
-        with torch.no_grad():
-            k1 = self.projector_target(self.encoder_target(x1))
-            k2 = self.projector_target(self.encoder_target(x2))
-        return self.criterion(q1, q2, k1, k2)
