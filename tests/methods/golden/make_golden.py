@@ -76,27 +76,35 @@ def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def run(method: MoBY) -> dict:
-    """``STEPS`` optimizer steps of ``method`` as the trainer takes them; returns what is recorded."""
-    cpu = torch.device("cpu")
-    method.train()
-    optimizer = build_adamw(method.trainable_modules(), LR, WEIGHT_DECAY, BETAS, cpu)
-    scaler = make_scaler(cpu, None)
-    rec: dict = {k: [] for k in (*STATS, "momentum")}
+def record_steps(method, steps: int, total_steps: int, take_step, stats) -> dict:
+    """``take_step(step) -> (outputs, ok)`` (one ``train_step``), then ``on_step_end(step, total_steps)``, for steps 1
+    to ``steps``; returns the per-step ``stats`` and momentum (stacked), ``grads`` (every gradient after step 1) and
+    ``final`` (the state after the last step)."""
+    rec: dict = {k: [] for k in (*stats, "momentum")}
     grads = {}
-    for step in range(1, STEPS + 1):
-        out, ok = train_step(method, views(step), optimizer, scaler, LR, CLIP, None)
+    for step in range(1, steps + 1):
+        out, ok = take_step(step)
         assert bool(ok), f"step {step} was skipped"
         if step == 1:
             grads = {n: p.grad.detach().clone() for n, p in method.named_parameters() if p.grad is not None}
-        logs = method.on_step_end(step, TOTAL_STEPS, apply=ok)
-        for k in STATS:
+        logs = method.on_step_end(step, total_steps, apply=ok)
+        for k in stats:
             rec[k].append(out[k].detach())
         rec["momentum"].append(torch.tensor(logs["momentum"], dtype=torch.float64))
     rec = {k: torch.stack(v) for k, v in rec.items()}
     rec["grads"] = grads
     rec["final"] = state(method)
     return rec
+
+
+def run(method: MoBY) -> dict:
+    """``STEPS`` optimizer steps of ``method`` as the trainer takes them; returns what is recorded."""
+    cpu = torch.device("cpu")
+    method.train()
+    optimizer = build_adamw(method.trainable_modules(), LR, WEIGHT_DECAY, BETAS, cpu)
+    scaler = make_scaler(cpu, None)
+    return record_steps(method, STEPS, TOTAL_STEPS,
+                        lambda step: train_step(method, views(step), optimizer, scaler, LR, CLIP, None), STATS)
 
 
 def record_in_float64(build_method, run_method, meta: dict) -> dict:

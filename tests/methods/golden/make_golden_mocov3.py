@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_golden import record_in_float64, state, views  # noqa: E402
+from make_golden import record_in_float64, record_steps, state, views  # noqa: E402, F401 (state: for the tests)
 
 from mobyssl.methods import MoCoV3  # noqa: E402
 from mobyssl.models import create_backbone  # noqa: E402
@@ -61,22 +61,10 @@ def run(method: MoCoV3) -> dict:
     optimizer = build_adamw(method.trainable_modules(), LR, WEIGHT_DECAY, BETAS, cpu,
                             decay_all=method.decay_every_parameter)
     scaler = make_scaler(cpu, None)
-    rec: dict = {k: [] for k in (*STATS, "lr", "momentum")}
-    grads = {}
-    for step in range(1, STEPS + 1):
-        lr = lrs()[step - 1]
-        out, ok = train_step(method, views(step), optimizer, scaler, lr, None, None)
-        assert bool(ok), f"step {step} was skipped"
-        if step == 1:
-            grads = {n: p.grad.detach().clone() for n, p in method.named_parameters() if p.grad is not None}
-        logs = method.on_step_end(step, TOTAL_STEPS, apply=ok)
-        for k in STATS:
-            rec[k].append(out[k].detach())
-        rec["lr"].append(torch.tensor(lr, dtype=torch.float64))
-        rec["momentum"].append(torch.tensor(logs["momentum"], dtype=torch.float64))
-    rec = {k: torch.stack(v) for k, v in rec.items()}
-    rec["grads"] = grads
-    rec["final"] = state(method)
+    rec = record_steps(method, STEPS, TOTAL_STEPS,
+                       lambda step: train_step(method, views(step), optimizer, scaler, lrs()[step - 1], None, None),
+                       STATS)
+    rec["lr"] = torch.tensor(lrs()[:STEPS], dtype=torch.float64)
     return rec
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_golden import record_in_float64, state, views  # noqa: E402
+from make_golden import record_in_float64, record_steps, state, views  # noqa: E402, F401 (state: for the tests)
 
 from mobyssl.data.gmml import GMMLCorruption  # noqa: E402
 from mobyssl.methods import SiT  # noqa: E402
@@ -65,32 +65,23 @@ def run(method: SiT) -> dict:
     method.train()
     optimizer = build_adamw(method.trainable_modules(), LR, WEIGHT_DECAY, BETAS, cpu)
     scaler = make_scaler(cpu, None)
-    rec: dict = {k: [] for k in (*STATS, "momentum")}
-    grads, masks = {}, []
+    masks = []
     real = method.criterion.forward
 
     def keep_mask(*args):
         masks.append(args[-1].clone())
         return real(*args)
 
+    def take_step(step):
+        torch.manual_seed(100 + step)  # the corruption's draws
+        return train_step(method, views(step)[:2], optimizer, scaler, LR, CLIP, None, clip_mode="per_parameter")
+
     method.criterion.forward = keep_mask
     try:
-        for step in range(1, STEPS + 1):
-            torch.manual_seed(100 + step)  # the corruption's draws
-            out, ok = train_step(method, views(step)[:2], optimizer, scaler, LR, CLIP, None, clip_mode="per_parameter")
-            assert bool(ok), f"step {step} was skipped"
-            if step == 1:
-                grads = {n: p.grad.detach().clone() for n, p in method.named_parameters() if p.grad is not None}
-            logs = method.on_step_end(step, TOTAL_STEPS, apply=ok)
-            for k in STATS:
-                rec[k].append(out[k].detach())
-            rec["momentum"].append(torch.tensor(logs["momentum"], dtype=torch.float64))
+        rec = record_steps(method, STEPS, TOTAL_STEPS, take_step, STATS)
     finally:
         del method.criterion.forward
-    rec = {k: torch.stack(v) for k, v in rec.items()}
     rec["masks"] = torch.stack(masks)
-    rec["grads"] = grads
-    rec["final"] = state(method)
     return rec
 
 
