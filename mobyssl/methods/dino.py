@@ -21,15 +21,15 @@ from ..config import (
     opt,
     register_method_options,
 )
-from ..data.gpu_augment import BatchMultiCropAugment
-from ..data.transforms import MultiCrop, multicrop_transform
+from ..data.transforms import MultiCrop
 from ..errors import ConfigError
 from ..losses import DINOLoss
 from ..models import DINOHead, feature_dim
-from ..models.momentum import copy_weights, cosine_momentum
+from ..models.momentum import copy_weights
 from ..runtime import device_memory_bytes, resolve_device
-from .base import BackboneFn, Method
+from .base import BackboneFn
 from .registry import register_method
+from .teacher_student import TeacherStudentMethod
 
 
 @register_method_options
@@ -126,7 +126,7 @@ def head_memory_bytes(out_dim: int, bottleneck_dim: int, heads_per_branch: int, 
 
 
 @register_method
-class DINO(Method):
+class DINO(TeacherStudentMethod):
     """Student: backbone -> DINO head, on every crop. Teacher: an EMA of both, on the 2 global crops.
 
     Loss: cross-entropy between the teacher's centred, sharpened output for one global crop and the student's
@@ -134,11 +134,9 @@ class DINO(Method):
     """
 
     name = "dino"
-    backbone_key = "teacher"
     Options = DINOOptions
     criterion_class = DINOLoss
     heads_per_branch = 1  # DINO heads on the student (and as many on the teacher)
-    warmup_ends_at_peak = True  # utils.cosine_scheduler's np.linspace(start, base, warmup_iters)
 
     def __init__(self, backbone_fn: BackboneFn, drop_path_rate: float = 0.1, teacher_drop_path_rate: float = 0.0,
                  out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256, head_layers: int = 3,
@@ -213,31 +211,11 @@ class DINO(Method):
                          local_scale=tuple(m.local_crop_scale), global_blur_prob=tuple(aug.blur_prob),
                          global_solarize_prob=tuple(aug.solarize_prob), local_blur_prob=m.local_blur_prob)
 
-    @classmethod
-    def train_transform(cls, cfg):
-        return multicrop_transform(cls.crops(cfg), cfg.data.aug, cfg.data.normalization)
-
-    @classmethod
-    def device_transform(cls, cfg):
-        return BatchMultiCropAugment(cls.crops(cfg), cfg.data.aug, cfg.data.normalization)
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.teacher
-
-    @property
-    def trained_backbone(self) -> nn.Module:
-        return self.student
-
     def momentum_pairs(self):
         return [(self.student, self.teacher), (self.student_head, self.teacher_head)]
 
     def trainable_modules(self):
         return [self.student, self.student_head]
-
-    def momentum_at(self, step: int, total_steps: int) -> float:
-        # DINO's momentum for its 0-based iteration ``step - 1`` (MoBY's schedule is one step later).
-        return cosine_momentum(step - 1, total_steps, self.base_momentum)
 
     def on_step_start(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
         warmup_temp, temp, warmup_epochs = self.temps

@@ -24,14 +24,14 @@ from ..config import (
     register_method_options,
 )
 from ..data.gmml import KINDS, GMMLCorruption, corrupt_views
-from ..data.gpu_augment import BatchMultiCropAugment
-from ..data.transforms import NORMALIZATION, MultiCrop, multicrop_transform
+from ..data.transforms import NORMALIZATION, MultiCrop
 from ..errors import BackboneError
 from ..losses import SiTLoss
 from ..models import ReconstructionHead, SiTHead, feature_dim, patch_tokens
-from ..models.momentum import copy_weights, cosine_momentum
-from .base import BackboneFn, Method, contrastive_collapse_signs
+from ..models.momentum import copy_weights
+from .base import BackboneFn, contrastive_collapse_signs
 from .registry import register_method
+from .teacher_student import TeacherStudentMethod
 
 
 @register_method_options
@@ -67,7 +67,7 @@ class SiTOptions(MethodOptions):
 
 
 @register_method
-class SiT(Method):
+class SiT(TeacherStudentMethod):
     """Student: ViT on GMML-corrupted views -> contrastive head (class token) and reconstruction head (patch
     tokens). Teacher: an EMA of all three, on the clean views (contrastive head only).
 
@@ -76,9 +76,7 @@ class SiT(Method):
     """
 
     name = "sit"
-    backbone_key = "teacher"
     Options = SiTOptions
-    warmup_ends_at_peak = True  # utils.cosine_scheduler's np.linspace(start, base, warmup_iters)
 
     def __init__(self, backbone_fn: BackboneFn, drop_path_rate: float = 0.1, teacher_drop_path_rate: float = 0.0,
                  out_dim: int = 256, hidden_dim: int = 4096, head_layers: int = 3, temperature: float = 0.2,
@@ -117,32 +115,12 @@ class SiT(Method):
         return MultiCrop(global_size=cfg.data.image_size, global_scale=tuple(cfg.method.crop_scale), n_local=0,
                          global_blur_prob=tuple(aug.blur_prob), global_solarize_prob=tuple(aug.solarize_prob))
 
-    @classmethod
-    def train_transform(cls, cfg):
-        return multicrop_transform(cls.crops(cfg), cfg.data.aug, cfg.data.normalization)
-
-    @classmethod
-    def device_transform(cls, cfg):
-        return BatchMultiCropAugment(cls.crops(cfg), cfg.data.aug, cfg.data.normalization)
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.teacher
-
-    @property
-    def trained_backbone(self) -> nn.Module:
-        return self.student
-
     def momentum_pairs(self):
         return [(self.student, self.teacher), (self.student_head, self.teacher_head),
                 (self.student_decoder, self.teacher_decoder)]
 
     def trainable_modules(self):
         return [self.student, self.student_head, self.student_decoder]
-
-    def momentum_at(self, step: int, total_steps: int) -> float:
-        # SiT's (DINO's) momentum for its 0-based iteration ``step - 1``.
-        return cosine_momentum(step - 1, total_steps, self.base_momentum)
 
     def collapse_signs(self, stats: dict[str, float]) -> str | None:
         """``feature_std`` under 0.1, or ``neg_sim`` (mean cosine similarity to the other images' teacher
