@@ -24,7 +24,7 @@ from ..config import (
 from ..data.transforms import MultiCrop
 from ..errors import ConfigError
 from ..losses import DINOLoss
-from ..models import DINOHead, feature_dim
+from ..models import DINOHead, feature_dim, patch_sides
 from ..models.momentum import copy_weights
 from ..runtime import device_memory_bytes, resolve_device
 from .base import BackboneFn
@@ -104,14 +104,6 @@ def forward_by_size(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Ten
     return torch.cat([backbone(torch.cat(views[start:end])) for start, end in size_groups(views)])
 
 
-def _patch_sides(backbone: nn.Module) -> tuple[int, ...]:
-    """The patch size of a timm ViT or Swin as ``(height, width)``; ``()`` for a backbone without a patch embedding."""
-    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
-    if isinstance(patch, (tuple, list)):
-        return tuple(int(p) for p in patch)
-    return (int(patch),) if patch else ()
-
-
 def head_memory_bytes(out_dim: int, bottleneck_dim: int, heads_per_branch: int, images: int, n_crops: int) -> int:
     """A lower bound on the memory that the width of the heads' last layers costs in training, in bytes.
 
@@ -174,7 +166,7 @@ class DINO(TeacherStudentMethod):
                      m.hidden_dim, m.bottleneck_dim, m.head_layers, m.use_bn_in_head, m.norm_last_layer, m.momentum,
                      m.teacher_temp, m.warmup_teacher_temp, m.warmup_teacher_temp_epochs, m.student_temp,
                      m.center_momentum, m.freeze_last_layer, 2 + m.local_crops_number)
-        sides = _patch_sides(method.student)
+        sides = patch_sides(method.student)
         step = math.lcm(*sides) if sides else 0  # a square crop must tile into patches along both sides
         if m.local_crops_number and step and m.local_crop_size % step:
             lower, upper = max(m.local_crop_size // step, 1) * step, -(-m.local_crop_size // step) * step

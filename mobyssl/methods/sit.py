@@ -27,7 +27,7 @@ from ..data.gmml import KINDS, GMMLCorruption, corrupt_views
 from ..data.transforms import NORMALIZATION, MultiCrop
 from ..errors import BackboneError
 from ..losses import SiTLoss
-from ..models import ReconstructionHead, SiTHead, feature_dim, patch_tokens
+from ..models import ReconstructionHead, SiTHead, feature_dim, patch_sides, patch_tokens
 from ..models.momentum import copy_weights
 from .base import BackboneFn, contrastive_collapse_signs
 from .registry import register_method
@@ -156,8 +156,7 @@ class SiT(TeacherStudentMethod):
 
 def _patch_size(backbone: nn.Module) -> int:
     """The square patch size of a ViT (SiT's decoder paints one patch per token)."""
-    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
-    sides = tuple(patch) if isinstance(patch, (tuple, list)) else ((patch, patch) if patch else ())
+    sides = patch_sides(backbone)
     if not sides or int(getattr(backbone, "num_prefix_tokens", 0)) != 1 or sides[0] != sides[1]:
         raise BackboneError(f"SiT needs a ViT with a class token and square patches (its contrastive head reads the "
                             f"class token, its decoder one patch per token); got {type(backbone).__name__}. Use a ViT "

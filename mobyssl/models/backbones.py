@@ -173,6 +173,14 @@ def _check_patch_grid(model: nn.Module, name: str) -> None:
                             f"Use data.image_size={lower} or {upper}.")
 
 
+def patch_sides(model: nn.Module) -> tuple[int, ...]:
+    """The patch size of a timm ViT or Swin as ``(height, width)``; ``()`` for a backbone without a patch embedding."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if isinstance(patch, (tuple, list)):
+        return tuple(int(p) for p in patch)
+    return (int(patch), int(patch)) if patch else ()
+
+
 def feature_dim(model: nn.Module) -> int:
     return int(model.num_features)
 

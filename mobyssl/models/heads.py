@@ -8,6 +8,13 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 
+def _trunc_normal_linear(linear: nn.Linear) -> nn.Linear:
+    nn.init.trunc_normal_(linear.weight, std=0.02)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
 class MLPHead(nn.Module):
     """``Linear(in, hidden) - BN - ReLU - Linear(hidden, out)``: MoBY's projector and predictor.
 
@@ -73,10 +80,7 @@ class DINOHead(nn.Module):
         dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i in range(n_layers):
-            linear = nn.Linear(dims[i], dims[i + 1])
-            nn.init.trunc_normal_(linear.weight, std=0.02)
-            nn.init.zeros_(linear.bias)
-            layers.append(linear)
+            layers.append(_trunc_normal_linear(nn.Linear(dims[i], dims[i + 1])))
             if i < n_layers - 1:  # no activation after the bottleneck: it is normalised next
                 if use_bn:
                     layers.append(nn.BatchNorm1d(dims[i + 1]))
@@ -91,13 +95,6 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
-
-
-def _trunc_normal_linear(linear: nn.Linear) -> nn.Linear:
-    nn.init.trunc_normal_(linear.weight, std=0.02)
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
-    return linear
 
 
 class SiTHead(nn.Module):
