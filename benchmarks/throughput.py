@@ -8,6 +8,8 @@ in the same process so their ratio is honest.
     python benchmarks/throughput.py --backbones swin_tiny --batch 64 128 256 --compile
     python benchmarks/throughput.py --backbones deit_small --batch 128 --compile --e2e-images 3072 \
         --profile-dir prof                                           # + torch.profiler tables per mode
+    python benchmarks/throughput.py --recipe moby_vit_small_cifar10 --backbones vit_tiny_patch4_32 --image-size 32 \
+        --batch 512 --compile --pipelines gpu_resident --e2e-zip cifar10/train.zip   # the CIFAR-10 speedrun's step
     python benchmarks/throughput.py --device cpu --backbones vit_nano_patch4_32 --image-size 32 \\
         --batch 16 --steps 3 --warmup 1 --e2e-images 64               # smoke test on a CPU
 """
@@ -47,9 +49,9 @@ def make_jpeg_zip(path: str, n: int, size=(500, 375)) -> None:
 
 
 def _setup(args, backbone, device, batch, extra=()):
-    cfg = load_config("moby_swin_tiny_in1k", [f"model.backbone={backbone}", f"data.image_size={args.image_size}",
-                                              f"train.batch_size={batch}", f"method.queue_size={batch * 16}",
-                                              *extra])
+    cfg = load_config(args.recipe, [f"model.backbone={backbone}", f"data.image_size={args.image_size}",
+                                    f"train.batch_size={batch}", f"method.queue_size={batch * 16}",
+                                    *args.overrides, *extra])
     method = build_method(cfg).to(device).train()
     opt = build_adamw(method.trainable_modules(), 1e-4, 0.05, (0.9, 0.999), device)
     amp = resolve_amp("auto" if device.type == "cuda" else "off", device)
@@ -161,6 +163,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (model-only and end to end)")
+    p.add_argument("--compiled-only", action="store_true", help="measure only the compiled runs")
     p.add_argument("--pipelines", nargs="+", default=["cpu", "gpu_decode", "gpu_resident"],
                    choices=["cpu", "gpu_decode", "gpu_resident"], help="end-to-end pipelines to measure")
     p.add_argument("--profile-dir", help="write a torch.profiler table (top 40 kernels) per measurement here")
@@ -168,6 +171,9 @@ def main() -> None:
     p.add_argument("--e2e-images", type=int, default=0, help="also run end to end on this many generated JPEGs")
     p.add_argument("--e2e-zip", help="end to end on this zip of JPEGs instead of generated ones")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument("--recipe", default="moby_swin_tiny_in1k", help="recipe the runs start from (augmentation, "
+                   "heads); backbone, image size and batch come from the options above")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to the recipe")
     args = p.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{os.cpu_count()}"
@@ -180,7 +186,7 @@ def main() -> None:
         make_jpeg_zip(zip_path, args.e2e_images)
     labels = {"cpu": "CPU workers", "gpu_decode": "device decode + augmentation",
               "gpu_resident": "resident uint8 + device augmentation"}
-    modes = [False, True] if args.compile else [False]
+    modes = [True] if args.compiled_only else [False, True] if args.compile else [False]
     for backbone in args.backbones:
         for batch in args.batch:
             for c in modes:
