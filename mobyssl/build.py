@@ -75,6 +75,8 @@ def device_loader(cfg: Config, dataset, sampler, batch_size: int, device: torch.
     from . import distributed as D
 
     augment = get_method(cfg.method.name).device_transform(cfg)
+    if cfg.train.compile and device.type == "cuda" and hasattr(augment, "compile"):
+        augment.compile()
     if cfg.data.pipeline == "gpu_resident":
         from .data.resident import ResidentImages, ResidentLoader
 

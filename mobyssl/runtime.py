@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 
@@ -10,6 +11,16 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+
+
+@functools.lru_cache(maxsize=256)
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per (values, device, dtype); do not modify it in place.
+
+    Copying a Python list to a GPU goes through pageable host memory, which makes the host wait for all the
+    work queued on the device; in a per-batch path that wait stops the host from running ahead of the GPU.
+    """
+    return torch.tensor(values, device=device, dtype=dtype)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

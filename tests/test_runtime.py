@@ -34,3 +34,14 @@ def test_rng_state_round_trip():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     runtime.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_device_constant_is_made_once_per_values_device_and_dtype():
+    from mobyssl.runtime import device_constant
+
+    a = device_constant((0.5, 0.25), torch.device("cpu"))
+    assert torch.equal(a, torch.tensor([0.5, 0.25])) and a.dtype == torch.float32
+    assert device_constant((0.5, 0.25), torch.device("cpu")) is a  # cached: no copy per call
+    b = device_constant((0.5, 0.25), torch.device("cpu"), torch.float64)
+    assert b is not a and b.dtype == torch.float64
+    assert torch.equal(device_constant((1, 2), torch.device("cpu"), torch.long), torch.tensor([1, 2]))

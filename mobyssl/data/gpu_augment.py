@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from ..runtime import device_constant
 from .transforms import INTERPOLATIONS, NORMALIZATION, MultiCrop
 
 GRAY = (0.299, 0.587, 0.114)
@@ -105,8 +106,8 @@ def random_resized_crops(images, size: int, scale, generator=None, interpolation
     ``(3, H_i, W_i)`` images: ``(B, 3, size, size)`` floats in [0, 1]."""
     if isinstance(images, torch.Tensor):
         b, dev = images.shape[0], images.device
-        hw = torch.tensor(images.shape[-2:], device=dev)
-        boxes = sample_crop_boxes(hw[0].expand(b), hw[1].expand(b), tuple(scale), generator=generator)
+        h, w = (torch.full((b,), n, dtype=torch.long, device=dev) for n in images.shape[-2:])
+        boxes = sample_crop_boxes(h, w, tuple(scale), generator=generator)
         return resized_crops(images.float() / 255.0, boxes, size, interpolation).clamp(0, 1)
     # Images of different sizes (decoded JPEGs): one crop-and-resize per image.
     if interpolation not in INTERPOLATIONS:
@@ -122,8 +123,8 @@ def random_resized_crops(images, size: int, scale, generator=None, interpolation
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor(GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    # Python-number weights: no constant tensor to copy to the device (or to bake into a compiled graph).
+    return x[:, 0:1] * GRAY[0] + x[:, 1:2] * GRAY[1] + x[:, 2:3] * GRAY[2]
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -169,30 +170,46 @@ def _adjust(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
     return hsv_to_rgb(hsv)
 
 
-def color_jitter(x: torch.Tensor, strengths, apply: torch.Tensor, generator=None) -> torch.Tensor:
-    """torchvision ColorJitter per sample: factors drawn as it does, the 4 ops in a random order each."""
-    b, dev = x.shape[0], x.device
+def jitter_factors(b: int, strengths, generator=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ColorJitter's per-sample draws, as torchvision makes them: factors ``(B, 4)`` (brightness, contrast,
+    saturation, hue) and each sample's order of the four ops ``(B, 4)``."""
     bri, con, sat, hue = strengths
     factors = torch.stack([
-        _uniform(b, max(0.0, 1 - bri), 1 + bri, generator, dev),
-        _uniform(b, max(0.0, 1 - con), 1 + con, generator, dev),
-        _uniform(b, max(0.0, 1 - sat), 1 + sat, generator, dev),
-        _uniform(b, -hue, hue, generator, dev),
+        _uniform(b, max(0.0, 1 - bri), 1 + bri, generator, device),
+        _uniform(b, max(0.0, 1 - con), 1 + con, generator, device),
+        _uniform(b, max(0.0, 1 - sat), 1 + sat, generator, device),
+        _uniform(b, -hue, hue, generator, device),
     ], dim=1)
-    order = torch.argsort(torch.rand((b, 4), generator=generator, device=dev), dim=1)
-    sel = torch.nonzero(apply).flatten()
-    if sel.numel() == 0:
-        return x
-    y = x[sel]
+    order = torch.argsort(torch.rand((b, 4), generator=generator, device=device), dim=1)
+    return factors, order
+
+
+def apply_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """The four colour ops of each sample with ``apply`` set, in its ``order``, with its ``factors``.
+
+    Every op runs on the whole batch and ``where`` keeps the selected samples' results: no data-dependent
+    indexing, so the host never waits for the device (on a GPU, a wait per op would stop the host from
+    queueing work ahead). Brightness, contrast and saturation are one blend ``f * x + (1 - f) * base``
+    (base 0, the mean grey level, the grey image), bit for bit the separate ops.
+    """
     for pos in range(4):
-        ops = order[sel, pos]
-        for op in range(4):
-            m = torch.nonzero(ops == op).flatten()
-            if m.numel():
-                y[m] = _adjust(y[m], op, factors[sel[m], op])
-    out = x.clone()
-    out[sel] = y
-    return out
+        op = order[:, pos]
+        f = factors.gather(1, op[:, None]).view(-1, 1, 1, 1)
+        gray = _gray(x)
+        base = torch.where((op == 1).view(-1, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True),
+                           torch.where((op == 2).view(-1, 1, 1, 1), gray, torch.zeros_like(gray)))
+        blended = (f * x + (1 - f) * base).clamp(0, 1)
+        hued = _adjust(x, 3, factors[:, 3])
+        x = torch.where((apply & (op == 3)).view(-1, 1, 1, 1), hued,
+                        torch.where((apply & (op != 3)).view(-1, 1, 1, 1), blended, x))
+    return x
+
+
+def color_jitter(x: torch.Tensor, strengths, apply: torch.Tensor, generator=None) -> torch.Tensor:
+    """torchvision ColorJitter per sample: factors drawn as it does, the 4 ops in a random order each, on the
+    samples where ``apply`` (``(B,)`` bool) is set."""
+    factors, order = jitter_factors(x.shape[0], strengths, generator, x.device)
+    return apply_jitter(x, factors, order, apply)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
@@ -209,23 +226,44 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> tor
     return y.reshape(b, c, h, w)
 
 
-def photometric(x: torch.Tensor, aug, blur_prob: float, solarize_prob: float, generator=None) -> torch.Tensor:
+def photometric_params(b: int, aug, blur_prob: float, solarize_prob: float, generator=None, device=None) -> dict:
+    """Every random choice of the ops after the crop, for ``b`` samples (the order of the draws is fixed)."""
+    p = torch.rand((b, 5), generator=generator, device=device)
+    factors, order = jitter_factors(b, aug.color_jitter, generator, device)
+    params = {"flip": p[:, 0] < aug.flip_prob, "jitter": p[:, 1] < aug.color_jitter_prob, "factors": factors,
+              "order": order, "gray": p[:, 2] < aug.grayscale_prob}
+    if blur_prob > 0:
+        params["sigma"] = _uniform(b, aug.blur_sigma[0], aug.blur_sigma[1], generator, device)
+        params["blur"] = p[:, 3] < blur_prob
+    if solarize_prob > 0:
+        params["solarize"] = p[:, 4] < solarize_prob
+    return params
+
+
+def apply_photometric(x: torch.Tensor, params: dict, max_sigma: float) -> torch.Tensor:
+    """The ops after the crop with the choices ``params`` (``photometric_params``), on floats in [0, 1]: a pure
+    function of its inputs, so ``torch.compile`` can fuse it."""
+    def per_sample(mask):
+        return mask.view(-1, 1, 1, 1)
+
+    x = torch.where(per_sample(params["flip"]), x.flip(-1), x)
+    x = apply_jitter(x, params["factors"], params["order"], params["jitter"])
+    x = torch.where(per_sample(params["gray"]), _gray(x).expand_as(x), x)
+    if "blur" in params:
+        x = torch.where(per_sample(params["blur"]), gaussian_blur(x, params["sigma"], max_sigma), x)
+    if "solarize" in params:
+        x = torch.where(per_sample(params["solarize"]), torch.where(x >= 128 / 255, 1 - x, x), x)
+    return x
+
+
+def photometric(x: torch.Tensor, aug, blur_prob: float, solarize_prob: float, generator=None,
+                apply=apply_photometric) -> torch.Tensor:
     """The ops after the crop, per sample, on floats in [0, 1]: flip, colour jitter and grayscale as ``aug``
     (the ``data.aug`` section) says, Gaussian blur with probability ``blur_prob`` (sigma in
-    ``aug.blur_sigma``), solarize with probability ``solarize_prob``."""
-    a = aug
-    b, dev = x.shape[0], x.device
-    p = torch.rand((b, 5), generator=generator, device=dev)
-    x = torch.where((p[:, 0] < a.flip_prob).view(-1, 1, 1, 1), x.flip(-1), x)
-    x = color_jitter(x, a.color_jitter, p[:, 1] < a.color_jitter_prob, generator)
-    x = torch.where((p[:, 2] < a.grayscale_prob).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
-    if blur_prob > 0:
-        sigma = _uniform(b, a.blur_sigma[0], a.blur_sigma[1], generator, dev)
-        x = torch.where((p[:, 3] < blur_prob).view(-1, 1, 1, 1), gaussian_blur(x, sigma, a.blur_sigma[1]), x)
-    if solarize_prob > 0:
-        solar = torch.where(x >= 128 / 255, 1 - x, x)
-        x = torch.where((p[:, 4] < solarize_prob).view(-1, 1, 1, 1), solar, x)
-    return x
+    ``aug.blur_sigma``), solarize with probability ``solarize_prob``. ``apply``: ``apply_photometric`` or a
+    compiled copy of it."""
+    params = photometric_params(x.shape[0], aug, blur_prob, solarize_prob, generator, x.device)
+    return apply(x, params, float(aug.blur_sigma[1]))
 
 
 class _BatchViews:
@@ -236,11 +274,18 @@ class _BatchViews:
     def __init__(self, aug, norm: str):
         self.aug = aug
         self.mean, self.std = NORMALIZATION[norm]
+        self._apply = apply_photometric
+
+    def compile(self) -> None:
+        """Fuse the per-pixel ops after the crop into a few kernels (``torch.compile``; one graph per view
+        size). On a GPU the eager ops are hundreds of small kernels whose launches, not their arithmetic,
+        bound small images' throughput. The random draws stay eager, so the views are the same."""
+        self._apply = torch.compile(apply_photometric, dynamic=False)
 
     def _finish(self, crops: torch.Tensor, blur_prob: float, solarize_prob: float, generator) -> torch.Tensor:
-        x = photometric(crops, self.aug, blur_prob, solarize_prob, generator)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        x = photometric(crops, self.aug, blur_prob, solarize_prob, generator, apply=self._apply)
+        mean = device_constant(tuple(self.mean), x.device).view(1, 3, 1, 1)
+        std = device_constant(tuple(self.std), x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
     def view(self, images, v: int, generator=None) -> torch.Tensor:

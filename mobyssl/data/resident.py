@@ -109,7 +109,10 @@ class ResidentLoader:
             chunk = keys[b * self.batch_size:(b + 1) * self.batch_size]
             epoch = chunk[0][0]
             step = self.sampler.start_step + b
-            idx = torch.tensor([i for _, i in chunk], device=device)
+            idx = torch.tensor([i for _, i in chunk])
+            if device.type == "cuda":  # pinned and asynchronous: a pageable copy would make the host wait
+                idx = idx.pin_memory().to(device, non_blocking=True)
+            idx = idx.to(device)
             views = self.augment(self.resident.images[idx], batch_generator(device, self.seed, epoch, step, self.rank))
             failed = [""]
             if not self._reported:

@@ -11,8 +11,10 @@ from mobyssl.config import AugConfig
 from mobyssl.data.gpu_augment import (
     BatchMoBYAugment,
     _adjust,
+    color_jitter,
     gaussian_blur,
     hsv_to_rgb,
+    jitter_factors,
     resized_crops,
     rgb_to_hsv,
     sample_crop_boxes,
@@ -63,6 +65,23 @@ def test_colour_ops_match_torchvision(op, fn, factor):
     assert torch.allclose(ours, ref, atol=2e-3)
 
 
+def test_colour_jitter_applies_each_samples_ops_in_its_own_order():
+    """Replays the draws and applies torchvision's ops one sample at a time, in that sample's order."""
+    n, strengths = 48, (0.4, 0.4, 0.4, 0.1)
+    torch.manual_seed(1)
+    x = torch.rand(n, 3, 10, 10)
+    apply = torch.rand(n) < 0.75
+    out = color_jitter(x, strengths, apply, torch.Generator().manual_seed(5))
+    factors, order = jitter_factors(n, strengths, torch.Generator().manual_seed(5))
+    assert len({tuple(o) for o in order[apply].tolist()}) > 10 and not apply.all()
+    fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(n):
+        ref = x[i]
+        for op in order[i].tolist() if apply[i] else ():
+            ref = fns[op](ref, factors[i, op].item())
+        assert torch.allclose(out[i], ref, atol=2e-3), (i, order[i].tolist(), apply[i].item())
+
+
 def test_hsv_round_trip():
     x = torch.rand(3, 3, 9, 9)
     assert torch.allclose(hsv_to_rgb(rgb_to_hsv(x)), x, atol=1e-5)
@@ -108,6 +127,39 @@ def test_two_views_shapes_and_reproducibility():
     assert all(torch.isfinite(v).all() for v in a)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
     assert not torch.equal(a[0], a[1])  # the two views differ
+
+
+def _multicrop_augment():
+    from mobyssl.config import load_config
+    from mobyssl.methods.dino import DINO
+
+    return DINO.device_transform(load_config("dino_quickstart"))
+
+
+@pytest.mark.parametrize("make", [lambda: BatchMoBYAugment(24, AugConfig(blur_prob=[1.0, 0.1], solarize_prob=[0.0, 0.2]),
+                                                           "imagenet"), _multicrop_augment])
+def test_the_per_pixel_ops_trace_into_one_graph(make, monkeypatch):
+    """``compile()`` hands torch.compile a pure function: one graph (no break), the same views as eager."""
+    import mobyssl.data.gpu_augment as gpu_augment
+
+    eager, traced = make(), make()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: torch._dynamo.optimize("eager", nopython=True)(fn))
+    torch._dynamo.reset()
+    traced.compile()
+    assert traced._apply is not gpu_augment.apply_photometric
+    imgs = torch.randint(0, 256, (5, 3, 40, 36), dtype=torch.uint8)
+    for a, b in zip(eager(imgs, torch.Generator().manual_seed(2)), traced(imgs, torch.Generator().manual_seed(2))):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_compiled_augmentation_matches_eager_on_cuda():
+    imgs = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    eager, compiled = (BatchMoBYAugment(32, AugConfig(), "cifar10") for _ in range(2))
+    compiled.compile()
+    for a, b in zip(eager(imgs, torch.Generator(device="cuda").manual_seed(0)),
+                    compiled(imgs, torch.Generator(device="cuda").manual_seed(0))):
+        assert torch.allclose(a, b, atol=1e-4)
 
 
 @pytest.mark.gpu

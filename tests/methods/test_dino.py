@@ -373,7 +373,7 @@ def test_device_transform_gives_the_same_views_from_a_uint8_batch(tmp_path, monk
         geometry.append((size, tuple(scale)))
         return real(images, size, scale, *args, **kw)
 
-    def grey(x, aug, blur_prob, solarize_prob, generator=None):  # every pixel 0.5 before normalisation
+    def grey(x, aug, blur_prob, solarize_prob, generator=None, **_):  # every pixel 0.5 before normalisation
         assert aug == cfg.data.aug  # data.aug's colour jitter, grayscale and blur sigmas reach every view
         photometric.append((blur_prob, solarize_prob))
         return torch.full_like(x, 0.5)

@@ -296,7 +296,7 @@ def test_device_transform_makes_two_views_of_the_configured_size_aug_and_statist
         geometry.append((size, tuple(scale)))
         return real(images, size, scale, *args, **kw)
 
-    def grey(x, aug, blur_prob, solarize_prob, generator=None):
+    def grey(x, aug, blur_prob, solarize_prob, generator=None, **_):
         assert aug == cfg.data.aug
         photometric.append((blur_prob, solarize_prob))
         return torch.full_like(x, 0.5)
