@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import re
 import sys
@@ -18,6 +19,8 @@ import textwrap
 from pathlib import Path
 
 from . import __version__
+
+EVAL_COMMANDS = ("knn", "linear", "fewshot", "correspondence")
 
 EXAMPLES = {
     "pretrain": """\
@@ -39,6 +42,24 @@ examples:
 examples:
   mobyssl linear --checkpoint runs/quickstart/checkpoint.pth linear.mode=fast
   mobyssl linear --checkpoint ckpt.pth data.eval_train=/data/imagenet/train data.test=/data/imagenet/val
+""",
+    "fewshot": """\
+examples:
+  mobyssl fewshot --checkpoint runs/quickstart/checkpoint.pth            # N = 1, 5, 10, 25; 5 draws each
+  mobyssl fewshot --checkpoint ckpt.pth fewshot.shots=[1,5] fewshot.trials=10 --output fewshot.json
+  mobyssl fewshot --config quickstart --random-init                       # baseline: an untrained backbone
+""",
+    "visualize": """\
+examples:
+  mobyssl visualize --checkpoint runs/quickstart/checkpoint.pth --out pictures   # 8 test images, attention, PCA
+  mobyssl visualize --run runs/quickstart --out pictures --k 5    # + training curves, 5 nearest neighbours each
+  mobyssl visualize --checkpoint ckpt.pth --images cat.jpg dog.png --threshold 0.6 --out pictures
+""",
+    "correspondence": """\
+examples:
+  mobyssl correspondence --checkpoint runs/esvit/checkpoint.pth            # EsViT's view 2, top 10 pairs
+  mobyssl correspondence --checkpoint ckpt.pth correspondence.top_k=4 correspondence.grayscale=false
+  mobyssl correspondence --config esvit_quickstart --random-init correspondence.top_k=4
 """,
 }
 
@@ -98,7 +119,11 @@ def make_parser() -> argparse.ArgumentParser:
                         "change the run (e.g. train.epochs, train.lr); they are listed either way")
 
     for name, desc in (("knn", "weighted k-NN evaluation of a frozen backbone (DINO protocol)"),
-                       ("linear", "linear probe of a frozen backbone (paper protocol, or linear.mode=fast)")):
+                       ("linear", "linear probe of a frozen backbone (paper protocol, or linear.mode=fast)"),
+                       ("fewshot", "N-shot logistic regression on frozen features: mean top-1 and 95% interval "
+                                   "per N over seeded draws (fewshot.*)"),
+                       ("correspondence", "EsViT's dense correspondence: each token of a test image matched to "
+                                          "its mirrored, colour-jittered grey copy (correspondence.*)")):
         p = sub.add_parser(name, help=desc, description=desc, formatter_class=fmt,
                            epilog=EXAMPLES[name] + "\n" + _config_help())
         _add_common(p, "the config stored in --checkpoint; quickstart with --random-init")
@@ -109,6 +134,25 @@ def make_parser() -> argparse.ArgumentParser:
                            help="evaluate a randomly initialised backbone as a baseline (architecture from --config, "
                                 "default quickstart)")
         p.add_argument("--output", metavar="JSON", help="also write the results to this JSON file")
+
+    desc = ("pictures of a backbone: the last block's CLS attention per head (ViTs), the first three principal "
+            "components of its token features as colours, nearest neighbours, and a run's training curves")
+    p = sub.add_parser("visualize", help=desc, description=desc, formatter_class=fmt,
+                       epilog=EXAMPLES["visualize"] + "\n" + _config_help())
+    _add_common(p, "the config stored in the checkpoint; quickstart with --random-init")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", metavar="PATH", help="pre-training checkpoint (or exported backbone) to draw")
+    which.add_argument("--random-init", action="store_true", help="draw a randomly initialised backbone")
+    p.add_argument("--run", metavar="DIR", help="a pre-training run folder: draws its training curves "
+                   "(metrics.jsonl) and, without --checkpoint, its newest checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR", help="new or empty folder for the PNG files")
+    p.add_argument("--images", nargs="+", metavar="PATH", help="image files to draw (default: the first --num "
+                   "images of data.test)")
+    p.add_argument("--num", type=int, default=8, metavar="N", help="images of data.test to draw (default: 8)")
+    p.add_argument("--k", type=int, default=0, metavar="K", help="also a retrieval grid: each image's K nearest "
+                   "neighbours in data.eval_train (or data.train), by cosine similarity of the pooled features")
+    p.add_argument("--threshold", type=float, metavar="T", help="also masks keeping the patches that hold "
+                   "fraction T of each head's attention (DINO uses 0.6)")
 
     p = sub.add_parser("export", help="write the backbone's weights in timm's key layout",
                        description="Extract the online backbone from a pre-training checkpoint as a plain "
@@ -176,32 +220,22 @@ def _describe_checkpoint(state: dict, path: str) -> str:
     return f"checkpoint {path} ({', '.join(p for p in parts if p)})"
 
 
-def _cmd_eval(args) -> int:
-    from .build import build_backbone, build_eval_datasets
-    from .distributed import init_distributed, is_main_process
-    from .errors import ConfigError
-    from .eval.runner import run_knn, run_linear
-    from .models.last_blocks import check_last_blocks
+def _load_backbone(args):
+    """The backbone an evaluation command is about: ``--checkpoint`` (its stored config unless ``--config``) or
+    ``--random-init``. Returns ``(cfg, backbone, description, device, amp_dtype)``, or None after --print-config."""
+    from .build import build_backbone
+    from .distributed import init_distributed
     from .runtime import resolve_amp, resolve_device, seed_everything
     from .train.checkpoint import backbone_state_dict, load_backbone_weights, load_checkpoint
     from .train.compat import check_backbone_fits
-    from .train.rundir import check_output_file
 
-    if not args.checkpoint and not args.random_init:
-        raise ConfigError("pass --checkpoint PATH (or --random-init with --config for an untrained baseline)")
-    output = check_output_file(args.output, "--output") if args.output else None
-    if output is not None and output.exists() and not _is_results_file(output):
-        from .errors import RunDirError
-
-        raise RunDirError(f"--output {output} exists and is not a results file written by mobyssl; choose another "
-                          "file name (nothing was overwritten)")
     state = load_checkpoint(args.checkpoint) if args.checkpoint else None
     cfg = _eval_config(args, state)
     if args.print_config:
         from .config import to_yaml
 
         print(to_yaml(cfg), end="")
-        return 0
+        return None
     if state is not None:
         check_backbone_fits(state.get("config"), cfg, args.checkpoint)
     seed_everything(cfg.train.seed)
@@ -213,9 +247,43 @@ def _cmd_eval(args) -> int:
         model = _describe_checkpoint(state, args.checkpoint)
     else:
         model = f"random init ({cfg.model.backbone}, train.seed={cfg.train.seed})"
+    return cfg, backbone, model, device, amp_dtype
+
+
+def _cmd_eval(args) -> int:
+    from .build import build_eval_datasets
+    from .distributed import is_main_process
+    from .errors import ConfigError
+    from .eval.runner import (
+        check_correspondence_top_k,
+        check_fewshot_shots,
+        run_correspondence,
+        run_fewshot,
+        run_knn,
+        run_linear,
+    )
+    from .models.last_blocks import check_last_blocks
+    from .train.rundir import check_output_file
+
+    if not args.checkpoint and not args.random_init:
+        raise ConfigError("pass --checkpoint PATH (or --random-init with --config for an untrained baseline)")
+    output = check_output_file(args.output, "--output") if args.output else None
+    if output is not None and output.exists() and not _is_results_file(output):
+        from .errors import RunDirError
+
+        raise RunDirError(f"--output {output} exists and is not a results file written by mobyssl; choose another "
+                          "file name (nothing was overwritten)")
+    loaded = _load_backbone(args)
+    if loaded is None:
+        return 0
+    cfg, backbone, model, device, amp_dtype = loaded
     if args.command == "linear":
         check_last_blocks(backbone, cfg.linear.n_last_blocks)
+    if args.command == "correspondence":
+        check_correspondence_top_k(backbone, cfg)
     datasets = build_eval_datasets(cfg)  # before any work: bad paths and labels fail here
+    if args.command == "fewshot":
+        check_fewshot_shots(cfg, datasets[0])
     if args.dry_run:
         print(f"dry run: {model}; config and data checked; nothing evaluated")
         return 0
@@ -224,16 +292,38 @@ def _cmd_eval(args) -> int:
         print(f"evaluating {model}", flush=True)
     if args.command == "knn":
         results = run_knn(cfg, backbone, device, amp_dtype, datasets)
+    elif args.command == "fewshot":
+        results = run_fewshot(cfg, backbone, device, amp_dtype, datasets)
+    elif args.command == "correspondence":
+        results = run_correspondence(cfg, backbone, device, amp_dtype, datasets)
     else:
         results = run_linear(cfg, backbone, device, amp_dtype)
     if not is_main_process():
         return 0
-    for k, v in results.items():
-        print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
+    if args.command == "fewshot":
+        print(_fewshot_table(results, cfg.fewshot.trials))
+    else:
+        for k, v in results.items():
+            print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
     if output is not None:
-        _write_atomic(output, json.dumps({**results, "model": model, "command": args.command}, indent=2) + "\n")
+        # A value that is not a number (a 95% interval over one draw) is written as null: strict JSON has no NaN.
+        finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in results.items()}
+        _write_atomic(output, json.dumps({**finite, "model": model, "command": args.command}, indent=2) + "\n")
         print(f"wrote {output}")
     return 0
+
+
+def _fewshot_table(results: dict, trials: int) -> str:
+    """The few-shot results as a table: one row per N, mean top-1 and the 95% interval over the draws."""
+    rows = [f"N-shot top-1 (%), mean over {trials} draw{'s' if trials > 1 else ''} with its 95% interval:",
+            "    N   top-1   95% interval"]
+    for key, top1 in results.items():
+        if key.startswith("fewshot_top1_"):
+            n = key.removeprefix("fewshot_top1_").removesuffix("shot")
+            ci = results[f"fewshot_ci95_{n}shot"]
+            interval = f"± {ci:.2f}" if math.isfinite(ci) else "(one draw: none)"
+            rows.append(f"{n:>5}  {top1:6.2f}   {interval}")
+    return "\n".join(rows)
 
 
 def _is_results_file(path: Path) -> bool:
@@ -242,7 +332,7 @@ def _is_results_file(path: Path) -> bool:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and data.get("command") in ("knn", "linear")
+    return isinstance(data, dict) and data.get("command") in EVAL_COMMANDS
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -252,6 +342,59 @@ def _write_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _cmd_visualize(args) -> int:
+    import torch
+
+    from .data import eval_transform, open_dataset
+    from .distributed import is_main_process
+    from .errors import ConfigError, RunDirError
+    from .eval.runner import load_images, run_visualize
+    from .eval.visualize import read_metrics, save_training_curves
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunDirError(f"--out {out} exists and is not an empty folder; choose a new folder (nothing was written)")
+    if args.num < 1 or args.k < 0 or (args.threshold is not None and not 0 < args.threshold <= 1):
+        raise ConfigError("--num must be at least 1, --k at least 0 and --threshold in (0, 1]; got "
+                          f"--num {args.num}, --k {args.k}, --threshold {args.threshold}")
+    if args.run:
+        read_metrics(args.run)  # a missing or empty metrics.jsonl fails here, before any work
+        if not args.checkpoint and not args.random_init and (Path(args.run) / "checkpoint.pth").exists():
+            args.checkpoint = str(Path(args.run) / "checkpoint.pth")
+    elif not args.checkpoint and not args.random_init:
+        raise ConfigError("pass --checkpoint PATH, --run DIR or --random-init (with --config) to say what to draw")
+    loaded = _load_backbone(args) if args.checkpoint or args.random_init else None
+    if loaded is None and args.print_config:
+        return 0
+    images = labels = names = class_names = None
+    if loaded is not None:
+        cfg, backbone, model, device, amp_dtype = loaded
+        if args.images:
+            images, names = load_images(args.images, cfg), [Path(p).stem for p in args.images]
+        else:
+            test = open_dataset(cfg.data.test, eval_transform(cfg.data.image_size, 1.0, cfg.data.normalization),
+                                key="data.test")
+            picked = range(min(args.num, len(test)))
+            images = torch.stack([test[i][0] for i in picked])
+            labels = torch.tensor([test[i][1] for i in picked])
+            names, class_names = [f"test{i:04d}" for i in picked], test.classes or None
+    if args.dry_run:
+        print(f"dry run: {model if loaded else 'no backbone'}; config, images and --out checked; nothing drawn")
+        return 0
+    if not is_main_process():
+        return 0
+    written = []
+    if loaded is not None:
+        print(f"drawing {model}", flush=True)
+        backbone.to(device)
+        written += run_visualize(cfg, backbone, device, amp_dtype, images, names, out, labels, class_names, args.k,
+                                 args.threshold)
+    if args.run:
+        written.append(save_training_curves(args.run, out / "curves.png"))
+    print(f"wrote {len(written)} files in {out}")
+    return 0
 
 
 def _cmd_export(args) -> int:
@@ -358,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import MobysslError
     from .train.guards import TrainingInterrupted
 
-    handlers = {"pretrain": _cmd_pretrain, "knn": _cmd_eval, "linear": _cmd_eval, "export": _cmd_export}
+    handlers = {"pretrain": _cmd_pretrain, "export": _cmd_export, "visualize": _cmd_visualize,
+                **{name: _cmd_eval for name in EVAL_COMMANDS}}
     prefix = f"mobyssl {args.command}: error:"
     try:
         code = handlers.get(args.command, _cmd_list)(args)

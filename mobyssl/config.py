@@ -277,8 +277,8 @@ class TrainConfig(Section):
         "on small GPUs). Queues and momentum still update once per optimizer step; BatchNorm statistics "
         "are per micro-batch.", ge=1, le=4096)
     compile: bool = opt(
-        False, "torch.compile the training step's model (fewer, fused kernels on GPUs; the first steps "
-        "take a minute or more to compile).", on_resume=SAFE)
+        False, "torch.compile the training step's model, and on a GPU the gpu_* pipelines' per-pixel "
+        "augmentation (fewer, fused kernels; the first steps take a minute or more to compile).", on_resume=SAFE)
     grad_checkpointing: bool = opt(
         False, "Recompute the online backbone's activations in the backward pass (timm "
         "set_grad_checkpointing): less memory, about 30% more compute.", on_resume=SAFE)
@@ -359,6 +359,33 @@ class LinearConfig(Section):
         ge=1, le=1000)
 
 
+class FewshotConfig(Section):
+    key_prefix: ClassVar[str] = "fewshot."
+
+    shots: Annotated[list[Annotated[Int, Field(ge=1, le=10**6)]], Field(min_length=1, max_length=32)] = opt(
+        [1, 5, 10, 25], "Labelled images per class (N) drawn from data.eval_train (or data.train) for each "
+        "N-shot classifier; each N must be at most the image count of the smallest class.", on_resume=SAFE)
+    trials: Int = opt(5, "Random draws per N (seeded by train.seed); the report gives the mean and its 95% "
+                         "interval over them.", on_resume=SAFE, ge=1, le=10_000)
+    l2: Float = opt(0.01, "L2 penalty of the logistic regression on standardised features (per-feature "
+                                "weights; raise it for very few shots or wide features).", on_resume=SAFE,
+                    ge=0, le=1e6)
+
+
+class CorrespondenceConfig(Section):
+    key_prefix: ClassVar[str] = "correspondence."
+
+    top_k: Int = opt(10, "Most similar token pairs scored per image (EsViT: 10); at most the tokens of the "
+                         "final grid (a 32 px Swin with patch 2 has 2x2).", on_resume=SAFE, ge=1, le=10**6)
+    flip: bool = opt(True, "View 2 is the horizontally flipped image (EsViT); false: not flipped, so the true "
+                           "match is the same token.", on_resume=SAFE)
+    jitter: Annotated[list[Annotated[Float, Field(ge=0, le=5)]], Field(min_length=4, max_length=4)] = opt(
+        [0.4, 0.4, 0.2, 0.1], "View 2's colour jitter strengths: brightness, contrast, saturation, hue (EsViT).",
+        on_resume=SAFE)
+    jitter_prob: Probability = opt(0.8, "Probability of view 2's colour jitter (EsViT: 0.8).", on_resume=SAFE)
+    grayscale: bool = opt(True, "View 2 is made grey (EsViT: always).", on_resume=SAFE)
+
+
 # --------------------------------------------------------------------------- per-method options
 
 METHOD_OPTIONS: dict[str, type[MethodOptions]] = {}
@@ -404,6 +431,8 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     knn: KnnConfig = Field(default_factory=KnnConfig)
     linear: LinearConfig = Field(default_factory=LinearConfig)
+    fewshot: FewshotConfig = Field(default_factory=FewshotConfig)
+    correspondence: CorrespondenceConfig = Field(default_factory=CorrespondenceConfig)
 
     @field_validator("method", mode="wrap")
     @classmethod
@@ -420,7 +449,7 @@ class Config(Section):
         return method_options_class(name).model_validate(value)
 
 
-SECTIONS = ("data", "model", "method", "train", "knn", "linear")
+SECTIONS = ("data", "model", "method", "train", "knn", "linear", "fewshot", "correspondence")
 
 
 # --------------------------------------------------------------------------- loading

@@ -29,7 +29,8 @@ def test_speedrun_smoke(tiny_overrides):
     out = _run("cifar10_speedrun.py", "--config", "quickstart", "--budgets", "0.05", "--calibration-steps", "2",
                "--linear-epochs", "2", *tiny_overrides, "train.device=cpu")
     rows = [line for line in out.splitlines() if line.startswith("| 20")]
-    assert len(rows) == 1 and rows[0].count("|") == 11
+    assert len(rows) == 1 and rows[0].count("|") == 12
+    assert "(epoch " in rows[0].split("|")[-2]  # the in-run k-NN curve
 
 
 def test_pretrain_knn_smoke(tiny_overrides):

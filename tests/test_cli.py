@@ -25,7 +25,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 # --------------------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", ["pretrain", "knn", "linear"])
+@pytest.mark.parametrize("command", ["pretrain", "knn", "linear", "fewshot", "correspondence"])
 def test_subcommand_help_lists_config_keys(capsys, command):
     with pytest.raises(SystemExit) as ei:
         main([command, "--help"])
@@ -244,6 +244,49 @@ def test_linear_dry_run_accepts_the_last_four_blocks(capsys):
     assert code == 0 and "dry run" in out
 
 
+def test_fewshot_prints_a_table_and_writes_null_for_the_interval_of_one_draw(capsys, tmp_path):
+    import json
+
+    out_file = tmp_path / "fewshot.json"
+    code, out, _ = run(capsys, "fewshot", "--config", "quickstart", "--random-init", "fewshot.shots=[1, 5]",
+                       "fewshot.trials=1", "--output", str(out_file))
+    assert code == 0
+    assert "    N   top-1   95% interval" in out and "(one draw: none)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1 ", "5 "))]
+    assert [r[0] for r in rows] == ["1", "5"]
+    written = json.loads(out_file.read_text())  # strict JSON: no NaN
+    assert written["fewshot_ci95_1shot"] is None and written["command"] == "fewshot"
+    assert float(rows[1][1]) == pytest.approx(written["fewshot_top1_5shot"], abs=0.01)
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_fewshot_with_more_shots_than_the_smallest_class_stops_before_any_image_is_read(capsys, monkeypatch,
+                                                                                        dry_run):
+    from mobyssl.eval import runner
+
+    monkeypatch.setattr(runner, "_features", lambda *a, **k: pytest.fail("features were extracted"))
+    code, _, err = run(capsys, "fewshot", "--config", "quickstart", "--random-init", "fewshot.shots=[5, 101]",
+                       *dry_run)
+    assert code == 2
+    assert "fewshot.shots" in err and "N=101" in err and "has 100 images" in err and "data.train=" in err
+
+
+def test_correspondence_top_k_beyond_the_token_grid_stops_before_the_data_is_read(capsys, tmp_path):
+    code, _, err = run(capsys, "correspondence", "--config", "quickstart", "--random-init", "--dry-run",
+                       "correspondence.top_k=65", f"data.test={tmp_path / 'missing'}")
+    assert code == 2
+    assert "correspondence.top_k" in err and "8x8" in err and "top_k=64" in err and "missing" not in err
+
+
+def test_correspondence_reports_top_k_and_all_token_scores(capsys):
+    code, out, _ = run(capsys, "correspondence", "--config", "quickstart", "--random-init", "correspondence.top_k=5")
+    assert code == 0
+    values = dict(line.split(": ") for line in out.splitlines() if line.startswith("corr_"))
+    assert set(values) == {"corr_top5_accuracy", "corr_top5_distance_px", "corr_all_accuracy",
+                           "corr_all_distance_px"}
+    assert 0 <= float(values["corr_all_accuracy"]) <= 100 and float(values["corr_all_distance_px"]) >= 0
+
+
 def test_knn_checkpoint_that_is_not_a_dict(capsys, tmp_path):
     import torch
 
@@ -340,3 +383,52 @@ def test_stray_arguments_are_errors(capsys):
         main(["pretrain", "--print-config", "train.epochs=3", "--no-such-flag"])
     err = capsys.readouterr().err
     assert ei.value.code == 2 and "mobyssl pretrain: error: unrecognized arguments: --no-such-flag" in err
+
+
+# --------------------------------------------------------------------------- visualize
+
+
+def test_visualize_writes_attention_pca_and_retrieval_pngs(capsys, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "pics"
+    code, stdout, _ = run(capsys, "visualize", "--config", "quickstart", "--random-init", "--out", str(out),
+                          "--num", "2", "--k", "3")
+    assert code == 0
+    files = sorted(p.name for p in out.iterdir())
+    heads = [f"test0000_attn_head{j}.png" for j in range(4)]  # the quickstart ViT has 4 heads
+    assert set(heads) | {"test0000_pca.png", "test0001_pca.png", "retrieval.png"} <= set(files)
+    assert f"wrote {len(files)} files" in stdout
+    with Image.open(out / "retrieval.png") as grid:
+        grid.verify()
+    with Image.open(out / "test0000_pca.png") as pca:
+        assert pca.size[1] == 128 and pca.format == "PNG"  # 32 px images drawn at 128 px
+
+
+def test_visualize_refuses_a_folder_that_holds_files_before_any_work(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "visualize", "--config", "quickstart", "--random-init", "--out", str(tmp_path))
+    assert code == 2 and "not an empty folder" in err and str(tmp_path) in err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_visualize_names_an_unreadable_image(capsys, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    code, _, err = run(capsys, "visualize", "--config", "quickstart", "--random-init", "--out", str(tmp_path / "o"),
+                       "--images", str(bad))
+    assert code == 2 and "broken.jpg" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_visualize_run_without_metrics_names_the_file(capsys, tmp_path):
+    code, _, err = run(capsys, "visualize", "--run", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert code == 2 and "metrics.jsonl" in err
+
+
+def test_visualize_a_swin_draws_pca_without_attention(capsys, tmp_path):
+    out = tmp_path / "pics"
+    code, stdout, _ = run(capsys, "visualize", "--config", "esvit_quickstart", "--random-init", "--out", str(out),
+                          "--num", "1")
+    assert code == 0 and "no attention maps" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["test0000_pca.png"]
