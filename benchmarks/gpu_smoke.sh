@@ -64,7 +64,8 @@ EOF
 
 RUNS=$WORK/runs
 COMMON="train.device=$DEVICE train.knn_every=-1 train.log_every=1 data.num_workers=2"
-AMPS="bf16 fp16"; PIPES="cpu gpu_decode gpu_resident"; METHODS="quickstart dino_quickstart"; STEPS=12
+AMPS="bf16 fp16"; PIPES="cpu gpu_decode gpu_resident"; STEPS=12
+METHODS=${METHODS:-quickstart dino_quickstart esvit_quickstart mocov3_quickstart sit_quickstart}
 if [ "$DEVICE" = cpu ]; then AMPS="off"; fi
 if [ "$QUICK" = 1 ]; then PIPES="gpu_resident"; STEPS=3; fi
 
@@ -76,8 +77,7 @@ for recipe in $METHODS; do for p in $PIPES; do for a in $AMPS; do
     n=${recipe%_quickstart}; n=${n/quickstart/moby}_${p}_${a}
     job "$n" 180 $STEPS $MOBYSSL pretrain --config "$recipe" $COMMON train.amp=$a data.pipeline=$p \
         train.max_steps=$STEPS output_dir=$RUNS/$n
-done; done; done
-wait
+done; done; wait; done  # one method at a time: 6 runs share the GPU and the CPUs
 say "compiled: every method x amp (gpu_resident), Swin on 32 px; torchrun (NCCL), resume, knn, linear"
 for recipe in $METHODS; do for a in $AMPS; do
     n=${recipe%_quickstart}; n=${n/quickstart/moby}_compiled_${a}
@@ -99,6 +99,10 @@ job swin32_compiled 300 $STEPS $MOBYSSL pretrain --config moby_swin_cifar10 $COM
     job knn 120 0 $MOBYSSL knn --checkpoint "$D/checkpoint.pth" train.device=$DEVICE --output "$WORK/knn.json"
     job linear_fast 200 0 $MOBYSSL linear --checkpoint "$D/checkpoint.pth" train.device=$DEVICE linear.mode=fast \
         linear.epochs=5 --output "$WORK/linear.json"
+    job fewshot 200 0 $MOBYSSL fewshot --checkpoint "$D/checkpoint.pth" train.device=$DEVICE --output "$WORK/fewshot.json"
+    job correspondence 120 0 $MOBYSSL correspondence --checkpoint "$D/checkpoint.pth" train.device=$DEVICE \
+        --output "$WORK/correspondence.json"
+    job visualize 120 0 $MOBYSSL visualize --run "$D" --k 4 train.device=$DEVICE --out "$WORK/pictures"
     wait
 ) &
 wait
@@ -107,7 +111,7 @@ say "matrix done"
     echo "| run | result | exit | wall | steps and loss | skipped steps |"
     echo "|---|---|---|---|---|---|"
     cat "$WORK"/status/* 2>/dev/null
-    for f in "$WORK"/knn.json "$WORK"/linear.json; do [ -f "$f" ] && echo "$(basename "$f"): $(cat "$f")"; done
+    for f in "$WORK"/knn.json "$WORK"/linear.json "$WORK"/fewshot.json "$WORK"/correspondence.json; do [ -f "$f" ] && echo "$(basename "$f"): $(cat "$f")"; done
 } >"$OUT/smoke.md"
 tar -czf "$OUT/smoke_logs.tar.gz" -C "$WORK" logs 2>/dev/null
 

@@ -124,7 +124,7 @@ def make_parser() -> argparse.ArgumentParser:
                                    "per N over seeded draws (fewshot.*)"),
                        ("correspondence", "EsViT's dense correspondence: each token of a test image matched to "
                                           "its mirrored, colour-jittered grey copy (correspondence.*)")):
-        p = sub.add_parser(name, help=desc, description=desc, formatter_class=fmt,
+        p = sub.add_parser(name, help=desc.replace("%", "%%"), description=desc, formatter_class=fmt,
                            epilog=EXAMPLES[name] + "\n" + _config_help())
         _add_common(p, "the config stored in --checkpoint; quickstart with --random-init")
         which = p.add_mutually_exclusive_group()
