@@ -9,6 +9,8 @@ the accuracy-against-time curve; its times exclude the evaluations themselves. A
 k=20 / T=0.07 and k=200 / T=0.1, and a fast linear probe. The pre-training time reported is the whole
 ``pretrain`` call (start-up and compilation included) minus the time spent in the curve's evaluations.
 
+    # with the epochs an earlier calibration gave (no calibration run):
+    python benchmarks/cifar10_speedrun.py --budgets 8 --epochs 160 ...
     # on a GPU, CIFAR-10 copied into a git-ignored folder:
     python benchmarks/cifar10_speedrun.py --budgets 10 --config moby_vit_small_cifar10 \\
         data.train=.data/cifar10/train.zip data.test=.data/cifar10/test.zip data.pipeline=gpu_resident \\
@@ -82,6 +84,8 @@ def main() -> None:
     p.add_argument("--budgets", type=float, nargs="+", default=[10], help="minutes of pre-training, start-up "
                    "included")
     p.add_argument("--calibration-steps", type=int, default=60)
+    p.add_argument("--epochs", type=int, nargs="+", help="epochs per budget, from an earlier calibration on the same "
+                   "device: skips the calibration run (its compilation alone can take a minute)")
     p.add_argument("--curve-every", type=float, default=1.0, help="minutes of training between k-NN evaluations")
     p.add_argument("--linear-epochs", type=int, default=100)
     p.add_argument("--keep", default="", help="folder that receives each run's metrics.jsonl and config")
@@ -97,24 +101,34 @@ def main() -> None:
     base = cfg_for("calibration")
     n_images = len(build_train_dataset(base))
     steps_per_epoch = n_images // base.train.batch_size
-    log_every = max(1, args.calibration_steps // 12)
-    t0 = time.time()
-    pretrain(cfg_for("calibration", f"train.max_steps={args.calibration_steps}", f"train.log_every={log_every}"),
-             log=_quiet)
-    records = read_metrics(root / "calibration")
-    per_step = step_time(records, skip=args.calibration_steps // 3)
-    first = min(r["time"] for r in records if r["type"] == "train")
-    startup = first - t0 - per_step * min(r["step"] for r in records if r["type"] == "train")
     device = resolve_device(base.train.device)
     amp = resolve_amp(base.train.amp, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"calibration: {per_step * 1000:.1f} ms/step ({base.train.batch_size / per_step:,.0f} img/s), start-up "
-          f"{startup:.0f} s, {steps_per_epoch} steps/epoch ({per_step * steps_per_epoch:.1f} s/epoch)", flush=True)
+    if args.epochs:
+        if len(args.epochs) != len(args.budgets):
+            raise SystemExit("--epochs needs one value per --budgets value")
+        per_step, startup = None, 0.0
+    else:
+        log_every = max(1, args.calibration_steps // 12)
+        t0 = time.time()
+        pretrain(cfg_for("calibration", f"train.max_steps={args.calibration_steps}",
+                         f"train.log_every={log_every}"), log=_quiet)
+        records = read_metrics(root / "calibration")
+        per_step = step_time(records, skip=args.calibration_steps // 3)
+        first = min(r["time"] for r in records if r["type"] == "train")
+        startup = first - t0 - per_step * min(r["step"] for r in records if r["type"] == "train")
+        print(f"calibration: {per_step * 1000:.1f} ms/step ({base.train.batch_size / per_step:,.0f} img/s), start-up "
+              f"{startup:.0f} s, {steps_per_epoch} steps/epoch ({per_step * steps_per_epoch:.1f} s/epoch)",
+              flush=True)
 
     rows = []
-    for budget in args.budgets:
-        epochs = max(1, math.floor((budget * 60 - startup) / (per_step * steps_per_epoch)))
-        every = max(1, round(args.curve_every * 60 / (per_step * steps_per_epoch)))
+    for b, budget in enumerate(args.budgets):
+        if args.epochs:
+            epochs = args.epochs[b]
+            every = max(1, round(epochs * args.curve_every / budget))
+        else:
+            epochs = max(1, math.floor((budget * 60 - startup) / (per_step * steps_per_epoch)))
+            every = max(1, round(args.curve_every * 60 / (per_step * steps_per_epoch)))
         warmup = min(base.train.warmup_epochs, max(epochs // 10, 0))
         run = f"budget{budget:g}"
         cfg = cfg_for(run, f"train.epochs={epochs}", f"train.warmup_epochs={warmup}", f"train.knn_every={every}",

@@ -25,9 +25,11 @@ def test_throughput_smoke():
     assert "device decode" in rows[2] and "resident" in rows[3]
 
 
-def test_speedrun_smoke(tiny_overrides):
-    out = _run("cifar10_speedrun.py", "--config", "quickstart", "--budgets", "0.05", "--calibration-steps", "2",
+@pytest.mark.parametrize("sizing", [["--calibration-steps", "2"], ["--epochs", "1"]])
+def test_speedrun_smoke(tiny_overrides, sizing):
+    out = _run("cifar10_speedrun.py", "--config", "quickstart", "--budgets", "0.05", *sizing,
                "--linear-epochs", "2", *tiny_overrides, "train.device=cpu")
+    assert ("calibration:" in out) == ("--calibration-steps" in sizing)
     rows = [line for line in out.splitlines() if line.startswith("| 20")]
     assert len(rows) == 1 and rows[0].count("|") == 12
     assert "(epoch " in rows[0].split("|")[-2]  # the in-run k-NN curve
