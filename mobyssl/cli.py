@@ -200,7 +200,10 @@ def _cmd_pretrain(args) -> int:
         point = find_resume_point(out.output_dir, args.resume)
         cfg = from_dict(Config, apply_overrides(point.config(), args.overrides))
     else:
-        cfg = load_config(args.config or "quickstart", args.overrides)
+        notices: list[str] = []
+        cfg = load_config(args.config or "quickstart", args.overrides, notices)
+        for notice in notices:
+            print(f"mobyssl: note: {notice}", file=sys.stderr)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -398,17 +401,33 @@ def _cmd_visualize(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from .models.backbones import timm_call
     from .train.checkpoint import backbone_state_dict, check_export_target, check_finite, load_checkpoint, save_export
 
     output = check_export_target(args.output, args.checkpoint, args.overwrite)  # before any work
+    recipe = check_export_target(output.with_suffix(".json"), args.checkpoint, args.overwrite, "--output's .json")
     state = load_checkpoint(args.checkpoint)
     sd = backbone_state_dict(state, args.checkpoint)
     check_finite(sd, args.checkpoint)
-    save_export(sd, output, source_checkpoint=args.checkpoint, overwrite=args.overwrite)
     cfg = state.get("config") or {}
     model = cfg.get("model", {})
-    print(f"wrote {len(sd)} tensors to {output} (backbone {model.get('backbone', '?')}, image size "
-          f"{cfg.get('data', {}).get('image_size', '?')}, extra timm kwargs {model.get('kwargs', {})})")
+    call = None
+    if model.get("backbone"):
+        call = timm_call(model["backbone"], img_size=cfg.get("data", {}).get("image_size"),
+                         norm_before_mlp=model.get("norm_before_mlp", "ln"), **(model.get("kwargs") or {}))
+    save_export(sd, output, source_checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"wrote {len(sd)} tensors to {output} (backbone {model.get('backbone', '?')})")
+    if call is None:
+        print("the checkpoint stores no config, so the call that rebuilds its architecture is unknown")
+        return 0
+    imports = "import functools, timm, torch" + (", mobyssl.models.backbones" if "mobyssl." in call["code"] else "")
+    load = (f"{imports}\nmodel = {call['code']}\n"
+            f"model.load_state_dict(torch.load({str(output)!r}, map_location='cpu'))")
+    _write_atomic(recipe, json.dumps({"backbone": model["backbone"], "timm_name": call["timm_name"],
+                                      "timm_kwargs": call["kwargs"], "load": load, "weights": output.name,
+                                      "source_checkpoint": str(args.checkpoint), "step": state.get("global_step"),
+                                      "method": cfg.get("method", {}).get("name")}, indent=2, default=str) + "\n")
+    print(f"rebuild and load it with (also in {recipe}):\n{textwrap.indent(load, '    ')}")
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import re
 import typing
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
@@ -108,6 +109,7 @@ Int = Annotated[int, BeforeValidator(_no_bool)]
 Float = Annotated[float, BeforeValidator(_no_bool)]
 Text = Annotated[str, AfterValidator(_not_blank)]
 Probability = Annotated[Float, Field(ge=0, le=1)]
+BUNDLED_TEST = "bundled:cifar10-sample-test"  # the quickstart's data.test
 ProbabilityPair = Annotated[list[Probability], Field(min_length=2, max_length=2)]
 
 
@@ -169,8 +171,9 @@ class DataConfig(Section):
         "Pre-training images: an ImageFolder directory, a flat folder of unlabeled images, a .zip of "
         "either, or bundled:<name> (bundled:cifar10-sample-train, bundled:cifar10-sample-test).")
     test: Optional[Text] = opt(
-        "bundled:cifar10-sample-test",
-        "Labeled split for evaluation (k-NN queries, linear-probe test set). null disables evaluation.",
+        BUNDLED_TEST,
+        "Labeled split for evaluation (k-NN queries, linear-probe test set). null disables evaluation. While it "
+        "is the bundled sample, pre-training on data without its classes runs without k-NN (with a notice).",
         on_resume=SAFE)
     eval_train: Optional[Text] = opt(
         None,
@@ -485,13 +488,45 @@ def resolve_recipe(name_or_path: str) -> Path:
     )
 
 
-def load_config(recipe: Optional[str] = "quickstart", overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults <- recipe (with its ``base:`` chain) <- ``key=value`` overrides, validated."""
+def load_config(recipe: Optional[str] = "quickstart", overrides: typing.Sequence[str] = (),
+                notices: Optional[list] = None) -> Config:
+    """Defaults <- recipe (with its ``base:`` chain) <- ``key=value`` overrides, validated.
+
+    A recipe's warm-up longer than an overridden ``train.epochs`` (``train.epochs=1``, the first thing people try)
+    is shortened to the same fraction of the run, unless the overrides set ``train.warmup_epochs`` themselves; the
+    one-line notice goes to ``notices`` (a list), or is issued as a warning when ``notices`` is None.
+    """
     raw: dict = {}
     if recipe:
         raw = _load_yaml_chain(resolve_recipe(recipe), seen=())
+    recipe_train = dict(raw.get("train") or {})
     apply_overrides(raw, overrides)
+    notice = _fit_warmup(raw, recipe_train, overrides)
+    if notice:
+        if notices is None:
+            warnings.warn(notice, stacklevel=2)
+        else:
+            notices.append(notice)
     return from_dict(Config, raw)
+
+
+def _fit_warmup(raw: dict, recipe_train: dict, overrides: typing.Sequence[str]) -> Optional[str]:
+    """Shorten a warm-up the user did not set that no longer fits ``train.epochs``; returns the notice."""
+    set_by_user = {o.split("=", 1)[0].strip() for o in overrides}
+    train = raw.get("train")
+    if "train.warmup_epochs" in set_by_user or "train" in set_by_user or not isinstance(train, dict):
+        return None
+    fields = TrainConfig.model_fields
+    epochs, warmup = train.get("epochs", fields["epochs"].default), train.get("warmup_epochs",
+                                                                              fields["warmup_epochs"].default)
+    planned = recipe_train.get("epochs", fields["epochs"].default)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (epochs, warmup, planned))
+    if not numbers or not 0 < epochs < warmup or planned <= 0:
+        return None  # nothing to fit, or a bad value that validation reports as it is
+    fitted = round(min(warmup * epochs / planned, epochs), 4)
+    train["warmup_epochs"] = fitted
+    return (f"train.warmup_epochs={warmup:g} is longer than train.epochs={epochs:g}: shortened to {fitted:g} (the "
+            f"recipe's warm-up fraction, {warmup:g} of {planned:g} epochs); set train.warmup_epochs to choose.")
 
 
 def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:

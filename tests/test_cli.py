@@ -432,3 +432,78 @@ def test_visualize_a_swin_draws_pca_without_attention(capsys, tmp_path):
                           "--num", "1")
     assert code == 0 and "no attention maps" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["test0000_pca.png"]
+
+
+# --------------------------------------------------------------------------- a new user's first runs
+
+
+def _unlabelled_folder(root: Path, nested: bool) -> Path:
+    import zipfile
+
+    folder = root / "mine"
+    images = folder / "photos" if nested else folder  # nested: one folder of photos reads as one class
+    images.mkdir(parents=True)
+    with zipfile.ZipFile(REPO / "mobyssl" / "data" / "bundled" / "cifar10-sample-train.zip") as z:
+        for i, name in enumerate(n for n in z.namelist() if n.endswith(".jpg")):
+            if i == 70:
+                break
+            (images / f"{i}.jpg").write_bytes(z.read(name))
+    return folder
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_pretraining_on_own_images_runs_without_knn_against_the_bundled_test_split(capsys, tmp_path, nested):
+    mine = _unlabelled_folder(tmp_path, nested)
+    code, out, _ = run(capsys, "pretrain", f"data.train={mine}", f"output_dir={tmp_path / 'run'}", "--dry-run")
+    assert code == 0 and "dry run" in out
+    assert "k-NN during training is off" in out and "data.test=<labelled test split>" in out
+
+
+def test_pretraining_on_own_images_with_a_chosen_test_split_still_fails_clearly(capsys, tmp_path):
+    mine = _unlabelled_folder(tmp_path, nested=True)
+    test = REPO / "mobyssl" / "data" / "bundled" / "cifar10-sample-test.zip"
+    code, _, err = run(capsys, "pretrain", f"data.train={mine}", f"data.test={test}",
+                       f"output_dir={tmp_path / 'run'}", "--dry-run")
+    assert code == 2 and "different classes" in err
+
+
+def test_one_epoch_of_the_quickstart_fits_its_warm_up_with_a_note(capsys, tmp_path):
+    code, out, err = run(capsys, "pretrain", "train.epochs=1", f"output_dir={tmp_path / 'run'}", "--dry-run")
+    assert code == 0 and "x 1 epochs" in out
+    assert "mobyssl: note: train.warmup_epochs=3 is longer than train.epochs=1: shortened to 0.1" in err
+
+
+# --------------------------------------------------------------------------- export: the call that rebuilds it
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("quickstart", []),
+    ("mocov3_quickstart", []),
+    ("esvit_quickstart", []),  # a Swin with LayerNorm eps 1e-6: the call passes a norm_layer
+    ("quickstart", ["model.backbone=swin_nano_patch2_window4_32", "model.norm_before_mlp=bn"]),  # MoBY-1 BN
+])
+def test_export_prints_and_writes_the_call_that_rebuilds_and_loads_the_backbone(capsys, tmp_path, recipe, overrides):
+    import json
+
+    import torch
+
+    from mobyssl.build import build_method
+    from mobyssl.config import load_config, to_dict
+
+    cfg = load_config(recipe, overrides)
+    method = build_method(cfg)
+    ckpt = tmp_path / "trained.pth"
+    torch.save({"config": to_dict(cfg), "method": method.state_dict(), "global_step": 7}, ckpt)
+    out = tmp_path / "export" / "backbone.pth"
+    out.parent.mkdir()
+    code, stdout, err = run(capsys, "export", "--checkpoint", str(ckpt), "--output", str(out))
+    assert code == 0, err
+    recipe_file = json.loads((tmp_path / "export" / "backbone.json").read_text())
+    assert recipe_file["load"] in stdout.replace("\n    ", "\n") and recipe_file["step"] == 7
+    namespace: dict = {}
+    exec(recipe_file["load"], namespace)  # the printed lines, run as a user would: strict load, no key left over
+    rebuilt, ours = namespace["model"].eval(), method.backbone.eval()
+    x = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), ours(x))  # the same function, bit for bit
+

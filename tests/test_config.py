@@ -551,3 +551,30 @@ def test_a_field_with_an_unknown_resume_kind_is_refused_where_it_is_declared():
     for bad in ("Safe", "architectures", ""):
         with pytest.raises(ValueError, match=f"on_resume={bad!r} is not one of {', '.join(RESUME_KINDS)}"):
             opt(1, "typo", on_resume=bad)
+
+
+# --------------------------------------------------------------------------- a short run of a long recipe
+
+
+def test_a_recipe_warm_up_longer_than_the_run_is_scaled_to_its_fraction_with_a_notice():
+    notices = []
+    cfg = load_config("quickstart", ["train.epochs=1"], notices)  # the quickstart: 3 of 30 epochs
+    assert cfg.train.warmup_epochs == pytest.approx(0.1)
+    assert len(notices) == 1 and "train.warmup_epochs=3" in notices[0] and "0.1" in notices[0]
+    assert "set train.warmup_epochs" in notices[0]
+    # The library call without a list warns instead of changing the recipe silently.
+    with pytest.warns(UserWarning, match="shortened to 0.1"):
+        load_config("quickstart", ["train.epochs=1"])
+
+
+def test_a_warm_up_the_user_set_is_never_changed():
+    with pytest.raises(ConfigError, match="train.warmup_epochs"):
+        load_config("quickstart", ["train.epochs=1", "train.warmup_epochs=3"])
+    notices = []
+    assert load_config("quickstart", ["train.epochs=10"], notices).train.warmup_epochs == 3 and notices == []
+
+
+def test_the_default_warm_up_scales_against_the_default_epochs():
+    notices = []
+    cfg = load_config(None, ["train.epochs=3"], notices)  # defaults: 5 of 300 epochs
+    assert cfg.train.warmup_epochs == pytest.approx(5 * 3 / 300, abs=1e-4) and notices

@@ -110,6 +110,27 @@ def resolve_name(name: str) -> tuple[str, dict]:
     )
 
 
+def timm_call(name: str, img_size: int | None = None, norm_before_mlp: str = "ln", **kwargs) -> dict:
+    """How timm alone rebuilds the backbone ``create_backbone(name, img_size=..., **kwargs)`` makes, for loading its
+    exported weights: ``{"timm_name", "kwargs", "code"}``, ``code`` a Python expression (``import functools,
+    timm, torch`` first). The drop path rate and ``multi_size`` are left out: they change no weight. A MoBY-1
+    BatchNorm Swin (``norm_before_mlp="bn"``) has layers timm lacks: its ``code`` calls mobyssl's
+    ``create_backbone`` (``import mobyssl.models.backbones``), which builds the timm Swin and swaps them in."""
+    timm_name, args = resolve_name(name)
+    args.update(kwargs)
+    if img_size is not None:
+        args["img_size"] = img_size
+    shown = [f"{k}={v!r}" for k, v in args.items() if k != "layer_norm_eps"]
+    if "layer_norm_eps" in args:
+        shown.append(f"norm_layer=functools.partial(torch.nn.LayerNorm, eps={float(args['layer_norm_eps'])!r})")
+    code = f"timm.create_model({timm_name!r}, pretrained=False, num_classes=0{''.join(', ' + a for a in shown)})"
+    if norm_before_mlp == "bn":
+        extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        code = (f"mobyssl.models.backbones.create_backbone({name!r}, img_size={img_size!r}, norm_before_mlp='bn'"
+                f"{extra})")
+    return {"timm_name": timm_name, "kwargs": args, "code": code}
+
+
 def create_backbone(name: str, *, img_size: int | None = None, drop_path_rate: float = 0.0,
                     norm_before_mlp: str = "ln", multi_size: bool = False, **kwargs) -> nn.Module:
     """A timm backbone without classifier, randomly initialised (nothing is downloaded).

@@ -25,7 +25,7 @@ import torch
 
 from .. import build
 from .. import distributed as D
-from ..config import Config, to_dict, to_yaml, validate
+from ..config import BUNDLED_TEST, Config, to_dict, to_yaml, validate
 from ..data import DataError
 from ..data.sampler import GlobalBatchSampler
 from ..errors import CheckpointError, ConfigError, MobysslError
@@ -220,8 +220,7 @@ def pretrain(cfg: Config, resume: bool | str | ResumePoint = False, log=print, a
     if len(dataset) < batch:
         raise DataError(f"data.train={cfg.data.train} has {len(dataset)} images, fewer than one batch "
                         f"(train.batch_size={batch}); lower train.batch_size.")
-    knn_enabled = cfg.train.knn_every >= 0 and bool(cfg.data.test)
-    eval_sets = build.build_eval_datasets(cfg) if knn_enabled else None
+    eval_sets = _eval_sets_for_knn(cfg, log) if cfg.train.knn_every >= 0 and cfg.data.test else None
     method = build.build_method(cfg)
     method.check_setup(batch)
     if cfg.train.grad_checkpointing:
@@ -254,6 +253,23 @@ def pretrain(cfg: Config, resume: bool | str | ResumePoint = False, log=print, a
         raise
     finally:
         lock.release()
+
+
+def _eval_sets_for_knn(cfg: Config, log):
+    """The k-NN splits of the in-run evaluation. When they do not fit data.train (no class folders, other classes)
+    and data.test is the bundled sample the quickstart sets, the user is pre-training on their own images and did
+    not ask for this evaluation: it is switched off with a notice saying how to get one. A data.test the user
+    chose fails as before."""
+    try:
+        return build.build_eval_datasets(cfg)
+    except DataError as e:
+        if cfg.data.test != BUNDLED_TEST or cfg.data.eval_train:
+            raise
+        log(f"note: k-NN during training is off: {e} (data.test is the bundled CIFAR-10 sample, the quickstart's "
+            "default.) To evaluate your own data, set data.test=<labelled test split>, and data.eval_train=<labelled "
+            "train split> when data.train has no class folders; or evaluate later with `mobyssl knn --checkpoint "
+            "...` and those keys.")
+        return None
 
 
 def _resume_point(cfg: Config, out: Path, resume, accept_changes: bool, log) -> ResumePoint | None:
