@@ -103,6 +103,8 @@ job swin32_compiled 300 $STEPS $MOBYSSL pretrain --config moby_swin_cifar10 $COM
     job correspondence 120 0 $MOBYSSL correspondence --checkpoint "$D/checkpoint.pth" train.device=$DEVICE \
         --output "$WORK/correspondence.json"
     job visualize 120 0 $MOBYSSL visualize --run "$D" --k 4 train.device=$DEVICE --out "$WORK/pictures"
+    job finetune 240 0 $MOBYSSL finetune --checkpoint "$D/checkpoint.pth" train.device=$DEVICE train.amp=${AMPS%% *} \
+        finetune.epochs=2 finetune.batch_size=64 finetune.output_dir=$RUNS/finetune
     wait
 ) &
 wait

@@ -49,6 +49,13 @@ examples:
   mobyssl fewshot --checkpoint ckpt.pth fewshot.shots=[1,5] fewshot.trials=10 --output fewshot.json
   mobyssl fewshot --config quickstart --random-init                       # baseline: an untrained backbone
 """,
+    "finetune": """\
+examples:
+  mobyssl finetune --checkpoint runs/quickstart/checkpoint.pth finetune.epochs=30   # -> runs/quickstart/finetune
+  mobyssl finetune --config quickstart --random-init finetune.epochs=30             # the baseline from scratch
+  mobyssl finetune --checkpoint ckpt.pth data.eval_train=/data/train data.test=/data/val finetune.layer_decay=0.65
+  mobyssl finetune --checkpoint runs/quickstart/checkpoint.pth finetune.epochs=30 --resume   # after a stop
+""",
     "visualize": """\
 examples:
   mobyssl visualize --checkpoint runs/quickstart/checkpoint.pth --out pictures   # 8 test images, attention, PCA
@@ -135,6 +142,19 @@ def make_parser() -> argparse.ArgumentParser:
                                 "default quickstart)")
         p.add_argument("--output", metavar="JSON", help="also write the results to this JSON file")
 
+    desc = ("end-to-end supervised fine-tuning of a backbone with a new linear head (MAE / BEiT recipe: layer-wise "
+            "lr decay, RandAugment, mixup / CutMix, label smoothing); top-1 on data.test after every epoch")
+    p = sub.add_parser("finetune", help=desc, description=desc, formatter_class=fmt,
+                       epilog=EXAMPLES["finetune"] + "\n" + _config_help())
+    _add_common(p, "the config stored in --checkpoint; quickstart with --random-init")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", metavar="PATH", help="pre-training checkpoint (or exported backbone) to start "
+                       "from")
+    which.add_argument("--random-init", action="store_true", help="start from a randomly initialised backbone (the "
+                       "baseline)")
+    p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in finetune.output_dir from "
+                   "its newest checkpoint (same command otherwise)")
+
     desc = ("pictures of a backbone: the last block's CLS attention per head (ViTs), the first three principal "
             "components of its token features as colours, nearest neighbours, and a run's training curves")
     p = sub.add_parser("visualize", help=desc, description=desc, formatter_class=fmt,
@@ -174,16 +194,26 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _eval_config(args, state: dict | None):
     """--config (recipe + overrides), else the checkpoint's stored config + overrides, else quickstart."""
-    from .config import Config, apply_overrides, from_dict, load_config
+    from .config import config_with_overrides, load_config
     from .errors import CheckpointError
 
+    notices: list[str] = []
     if args.config or state is None:
-        return load_config(args.config or "quickstart", args.overrides)
+        cfg = load_config(args.config or "quickstart", args.overrides, notices)
+        _print_notices(notices)
+        return cfg
     saved = state.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{args.checkpoint} stores no config (an exported backbone?); pass --config with the "
                               "recipe it was trained with, plus the overrides that set its model and image size")
-    return from_dict(Config, apply_overrides(copy.deepcopy(saved), args.overrides))
+    cfg = config_with_overrides(copy.deepcopy(saved), args.overrides, notices)
+    _print_notices(notices)
+    return cfg
+
+
+def _print_notices(notices: list[str]) -> None:
+    for notice in notices:
+        print(f"mobyssl: note: {notice}", file=sys.stderr)
 
 
 def _cmd_pretrain(args) -> int:
@@ -202,8 +232,7 @@ def _cmd_pretrain(args) -> int:
     else:
         notices: list[str] = []
         cfg = load_config(args.config or "quickstart", args.overrides, notices)
-        for notice in notices:
-            print(f"mobyssl: note: {notice}", file=sys.stderr)
+        _print_notices(notices)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -223,7 +252,7 @@ def _describe_checkpoint(state: dict, path: str) -> str:
     return f"checkpoint {path} ({', '.join(p for p in parts if p)})"
 
 
-def _load_backbone(args):
+def _load_backbone(args, for_finetune: bool = False):
     """The backbone an evaluation command is about: ``--checkpoint`` (its stored config unless ``--config``) or
     ``--random-init``. Returns ``(cfg, backbone, description, device, amp_dtype)``, or None after --print-config."""
     from .build import build_backbone
@@ -244,7 +273,7 @@ def _load_backbone(args):
     seed_everything(cfg.train.seed)
     device = init_distributed(resolve_device(cfg.train.device))
     amp_dtype = resolve_amp(cfg.train.amp, device)
-    backbone = build_backbone(cfg, drop_path_rate=0.0)
+    backbone = build_backbone(cfg, drop_path_rate=cfg.finetune.drop_path if for_finetune else 0.0)
     if state is not None:
         load_backbone_weights(backbone, backbone_state_dict(state, args.checkpoint), args.checkpoint)
         model = _describe_checkpoint(state, args.checkpoint)
@@ -345,6 +374,27 @@ def _write_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _cmd_finetune(args) -> int:
+    from .errors import ConfigError
+    from .train.finetune import default_output_dir, finetune
+
+    if not args.checkpoint and not args.random_init:
+        raise ConfigError("pass --checkpoint PATH (or --random-init with --config for the from-scratch baseline)")
+    loaded = _load_backbone(args, for_finetune=True)
+    if loaded is None:
+        return 0
+    cfg, backbone, model, device, amp_dtype = loaded
+    out = Path(cfg.finetune.output_dir) if cfg.finetune.output_dir else default_output_dir(args.checkpoint)
+    result = finetune(cfg, backbone, out, device, amp_dtype, resume=args.resume, dry_run=args.dry_run, source=model)
+    if args.dry_run:
+        print(f"dry run: {model}; config, data and {out} checked; nothing trained "
+              f"({result['steps_per_epoch']} steps/epoch x {cfg.finetune.epochs} epochs)")
+    elif result.get("top1") is not None:
+        print(f"done: {model} fine-tuned {cfg.finetune.epochs} epochs: top-1 {result['top1']:.2f}, top-5 "
+              f"{result['top5']:.2f} on data.test; checkpoints and metrics.jsonl in {out}")
+    return 0
 
 
 def _cmd_visualize(args) -> int:
@@ -520,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import MobysslError
     from .train.guards import TrainingInterrupted
 
-    handlers = {"pretrain": _cmd_pretrain, "export": _cmd_export, "visualize": _cmd_visualize,
+    handlers = {"pretrain": _cmd_pretrain, "export": _cmd_export, "visualize": _cmd_visualize, "finetune": _cmd_finetune,
                 **{name: _cmd_eval for name in EVAL_COMMANDS}}
     prefix = f"mobyssl {args.command}: error:"
     try:

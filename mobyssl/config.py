@@ -389,6 +389,47 @@ class CorrespondenceConfig(Section):
     grayscale: bool = opt(True, "View 2 is made grey (EsViT: always).", on_resume=SAFE)
 
 
+class FinetuneConfig(Section):
+    """End-to-end supervised fine-tuning (``mobyssl finetune``); defaults: MAE's / BEiT's ViT recipe."""
+
+    key_prefix: ClassVar[str] = "finetune."
+
+    output_dir: Optional[Text] = opt(None, "Folder of the fine-tuning run (new or empty; --resume continues it). "
+                                           "null: <checkpoint's folder>/finetune, or runs/finetune_random_init with "
+                                           "--random-init.", on_resume=SAFE)
+    epochs: Int = opt(100, "Fine-tuning epochs (MAE's ViT-B / BEiT: 100).", ge=1, le=100_000)
+    warmup_epochs: Float = opt(5, "Linear lr warm-up epochs (MAE: 5); at most finetune.epochs.", ge=0, le=100_000)
+    batch_size: Int = opt(1024, "Images per step over all processes (MAE: 1,024).", ge=2, le=2**20)
+    lr: Float = opt(5e-4, "AdamW peak lr per finetune.lr_ref_batch images (MAE: 5e-4 per 256), scaled linearly.",
+                    gt=0, le=10)
+    lr_ref_batch: Int = opt(256, "Reference batch for finetune.lr.", ge=1, le=2**20)
+    min_lr: Float = opt(1e-6, "Final lr of the cosine schedule (MAE: 1e-6).", ge=0, le=10)
+    weight_decay: Float = opt(0.05, "AdamW weight decay (MAE: 0.05); not on biases, norms and tokens.", ge=0,
+                              le=10)
+    layer_decay: Float = opt(0.75, "Layer-wise lr decay: block i of L gets lr x decay^(L - i) (MAE: 0.65 for "
+                                   "ViT-B, 0.75 for ViT-L; BEiT's ViT-S 0.75). 1: no decay.", gt=0, le=1)
+    drop_path: Float = opt(0.1, "Stochastic depth of the fine-tuned backbone (MAE: 0.1).", ge=0, lt=1)
+    label_smoothing: Float = opt(0.1, "Label smoothing (MAE: 0.1).", ge=0, lt=1)
+    mixup: Float = opt(0.8, "Mixup alpha (MAE: 0.8; 0: off).", ge=0, le=100)
+    cutmix: Float = opt(1.0, "CutMix alpha (MAE: 1.0; 0: off). Each batch gets mixup or CutMix, half and half.",
+                        ge=0, le=100)
+    rand_augment: Optional[Text] = opt("rand-m9-mstd0.5-inc1", "timm RandAugment policy (MAE's); null: none.")
+    random_erasing: Probability = opt(0.25, "Random erasing probability, per-pixel noise (MAE: 0.25).")
+    crop_scale: Annotated[list[Probability], Field(min_length=2, max_length=2)] = opt(
+        [0.08, 1.0], "RandomResizedCrop area range (timm / MAE: 0.08-1).")
+    clip_grad: Optional[Annotated[Float, Field(gt=0)]] = opt(None, "Gradient norm clipping (MAE: none).")
+
+    @model_validator(mode="after")
+    def _relations(self):
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"config key 'finetune.warmup_epochs' must be at most finetune.epochs={self.epochs}, "
+                             f"got {self.warmup_epochs:g}")
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"config key 'finetune.crop_scale' must be [low, high] with low <= high, got "
+                             f"{self.crop_scale}")
+        return self
+
+
 # --------------------------------------------------------------------------- per-method options
 
 METHOD_OPTIONS: dict[str, type[MethodOptions]] = {}
@@ -436,6 +477,7 @@ class Config(Section):
     linear: LinearConfig = Field(default_factory=LinearConfig)
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig)
     correspondence: CorrespondenceConfig = Field(default_factory=CorrespondenceConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @field_validator("method", mode="wrap")
     @classmethod
@@ -452,7 +494,7 @@ class Config(Section):
         return method_options_class(name).model_validate(value)
 
 
-SECTIONS = ("data", "model", "method", "train", "knn", "linear", "fewshot", "correspondence")
+SECTIONS = ("data", "model", "method", "train", "knn", "linear", "fewshot", "correspondence", "finetune")
 
 
 # --------------------------------------------------------------------------- loading
@@ -499,34 +541,42 @@ def load_config(recipe: Optional[str] = "quickstart", overrides: typing.Sequence
     raw: dict = {}
     if recipe:
         raw = _load_yaml_chain(resolve_recipe(recipe), seen=())
-    recipe_train = dict(raw.get("train") or {})
+    return config_with_overrides(raw, overrides, notices)
+
+
+def config_with_overrides(raw: dict, overrides: typing.Sequence[str] = (), notices: Optional[list] = None) -> Config:
+    """``raw`` (a recipe or a checkpoint's stored config) with ``key=value`` overrides, validated; a warm-up the
+    overrides made too long is fitted as ``load_config`` says."""
+    recipe_raw = {section: dict(raw.get(section) or {}) for section in ("train", "finetune")}
     apply_overrides(raw, overrides)
-    notice = _fit_warmup(raw, recipe_train, overrides)
-    if notice:
-        if notices is None:
-            warnings.warn(notice, stacklevel=2)
-        else:
+    for section, cls in (("train", TrainConfig), ("finetune", FinetuneConfig)):
+        notice = _fit_warmup(raw, recipe_raw[section], overrides, section, cls)
+        if notice and notices is None:
+            warnings.warn(notice, stacklevel=3)
+        elif notice:
             notices.append(notice)
     return from_dict(Config, raw)
 
 
-def _fit_warmup(raw: dict, recipe_train: dict, overrides: typing.Sequence[str]) -> Optional[str]:
-    """Shorten a warm-up the user did not set that no longer fits ``train.epochs``; returns the notice."""
+def _fit_warmup(raw: dict, recipe_section: dict, overrides: typing.Sequence[str], section: str,
+                cls: type) -> Optional[str]:
+    """Shorten a warm-up the user did not set that no longer fits ``<section>.epochs``; returns the notice."""
     set_by_user = {o.split("=", 1)[0].strip() for o in overrides}
-    train = raw.get("train")
-    if "train.warmup_epochs" in set_by_user or "train" in set_by_user or not isinstance(train, dict):
+    values = raw.get(section)
+    if f"{section}.warmup_epochs" in set_by_user or section in set_by_user or not isinstance(values, dict):
         return None
-    fields = TrainConfig.model_fields
-    epochs, warmup = train.get("epochs", fields["epochs"].default), train.get("warmup_epochs",
-                                                                              fields["warmup_epochs"].default)
-    planned = recipe_train.get("epochs", fields["epochs"].default)
+    fields = cls.model_fields
+    epochs = values.get("epochs", fields["epochs"].default)
+    warmup = values.get("warmup_epochs", fields["warmup_epochs"].default)
+    planned = recipe_section.get("epochs", fields["epochs"].default)
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (epochs, warmup, planned))
     if not numbers or not 0 < epochs < warmup or planned <= 0:
         return None  # nothing to fit, or a bad value that validation reports as it is
     fitted = round(min(warmup * epochs / planned, epochs), 4)
-    train["warmup_epochs"] = fitted
-    return (f"train.warmup_epochs={warmup:g} is longer than train.epochs={epochs:g}: shortened to {fitted:g} (the "
-            f"recipe's warm-up fraction, {warmup:g} of {planned:g} epochs); set train.warmup_epochs to choose.")
+    values["warmup_epochs"] = fitted
+    return (f"{section}.warmup_epochs={warmup:g} is longer than {section}.epochs={epochs:g}: shortened to {fitted:g} "
+            f"(the recipe's warm-up fraction, {warmup:g} of {planned:g} epochs); set {section}.warmup_epochs to "
+            "choose.")
 
 
 def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:

@@ -25,7 +25,8 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 # --------------------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", ["pretrain", "knn", "linear", "fewshot", "correspondence"])
+@pytest.mark.parametrize("command", ["pretrain", "knn", "linear", "fewshot", "correspondence", "finetune",
+                                     "visualize"])
 def test_subcommand_help_lists_config_keys(capsys, command):
     with pytest.raises(SystemExit) as ei:
         main([command, "--help"])

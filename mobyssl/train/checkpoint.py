@@ -297,7 +297,8 @@ def find_resumable(output_dir: str | os.PathLike, log=print) -> tuple[Path, dict
 
 def backbone_state_dict(state: dict, source: str = "checkpoint") -> dict:
     """The weights of the network a method evaluates and exports (``Method.backbone``: MoBY's online encoder,
-    DINO's teacher), in timm's key layout, from a pre-training checkpoint; or those of an export."""
+    DINO's teacher), in timm's key layout, from a pre-training checkpoint; the fine-tuned backbone of a
+    ``mobyssl finetune`` checkpoint (without its head); or those of an export."""
     if "method" in state:
         config = state.get("config") if isinstance(state.get("config"), dict) else {}
         section = config.get("method") if isinstance(config.get("method"), dict) else {}
@@ -308,6 +309,12 @@ def backbone_state_dict(state: dict, source: str = "checkpoint") -> dict:
         return sd
     if "backbone" in state:
         return state["backbone"]
+    if isinstance(state.get("finetune"), dict):  # a `mobyssl finetune` checkpoint: the fine-tuned backbone, no head
+        sd = {k[len("model."):]: v for k, v in state["finetune"].items()
+              if k.startswith("model.") and not k.startswith("model.head.")}
+        if not sd:
+            raise CheckpointError(f"{source} is a fine-tuning checkpoint without 'model.*' backbone keys")
+        return sd
     if state and all(isinstance(v, torch.Tensor) for v in state.values()):
         return state  # a bare timm state dict
     raise CheckpointError(f"{source} is neither a mobyssl pre-training checkpoint nor a backbone state dict "

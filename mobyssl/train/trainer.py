@@ -143,7 +143,7 @@ def train_step(model, views: list, optimizer, scaler, lr: float, clip_grad: floa
     ``scaler`` comes from ``make_scaler``.
     """
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: layer-wise decay (fine-tuning's groups)
     if weight_decay is not None:
         optimizer.param_groups[0]["weight_decay"] = weight_decay  # build_adamw's group 0 is the decayed one
     optimizer.zero_grad(set_to_none=True)
