@@ -103,6 +103,19 @@ def _add_common(p: argparse.ArgumentParser, default_help: str) -> None:
                    help="dotted config overrides, e.g. train.epochs=100 data.train=/data/train")
 
 
+def _add_backbone_command(sub, name: str, desc: str, checkpoint_use: str, random_help: str):
+    """A subcommand about one backbone: --checkpoint PATH or --random-init, plus the common options."""
+    p = sub.add_parser(name, help=desc.replace("%", "%%"), description=desc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=EXAMPLES[name] + "\n" + _config_help())
+    _add_common(p, "the config stored in --checkpoint; quickstart with --random-init")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", metavar="PATH",
+                       help=f"pre-training checkpoint (or exported backbone) {checkpoint_use}")
+    which.add_argument("--random-init", action="store_true", help=random_help)
+    return p
+
+
 def make_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -131,38 +144,21 @@ def make_parser() -> argparse.ArgumentParser:
                                    "per N over seeded draws (fewshot.*)"),
                        ("correspondence", "EsViT's dense correspondence: each token of a test image matched to "
                                           "its mirrored, colour-jittered grey copy (correspondence.*)")):
-        p = sub.add_parser(name, help=desc.replace("%", "%%"), description=desc, formatter_class=fmt,
-                           epilog=EXAMPLES[name] + "\n" + _config_help())
-        _add_common(p, "the config stored in --checkpoint; quickstart with --random-init")
-        which = p.add_mutually_exclusive_group()
-        which.add_argument("--checkpoint", metavar="PATH",
-                           help="pre-training checkpoint (or exported backbone) whose backbone is evaluated")
-        which.add_argument("--random-init", action="store_true",
-                           help="evaluate a randomly initialised backbone as a baseline (architecture from --config, "
-                                "default quickstart)")
+        p = _add_backbone_command(sub, name, desc, "whose backbone is evaluated",
+                                  "evaluate a randomly initialised backbone as a baseline (architecture from "
+                                  "--config, default quickstart)")
         p.add_argument("--output", metavar="JSON", help="also write the results to this JSON file")
 
     desc = ("end-to-end supervised fine-tuning of a backbone with a new linear head (MAE / BEiT recipe: layer-wise "
             "lr decay, RandAugment, mixup / CutMix, label smoothing); top-1 on data.test after every epoch")
-    p = sub.add_parser("finetune", help=desc, description=desc, formatter_class=fmt,
-                       epilog=EXAMPLES["finetune"] + "\n" + _config_help())
-    _add_common(p, "the config stored in --checkpoint; quickstart with --random-init")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--checkpoint", metavar="PATH", help="pre-training checkpoint (or exported backbone) to start "
-                       "from")
-    which.add_argument("--random-init", action="store_true", help="start from a randomly initialised backbone (the "
-                       "baseline)")
+    p = _add_backbone_command(sub, "finetune", desc, "to start from",
+                              "start from a randomly initialised backbone (the baseline)")
     p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in finetune.output_dir from "
                    "its newest checkpoint (same command otherwise)")
 
     desc = ("pictures of a backbone: the last block's CLS attention per head (ViTs), the first three principal "
             "components of its token features as colours, nearest neighbours, and a run's training curves")
-    p = sub.add_parser("visualize", help=desc, description=desc, formatter_class=fmt,
-                       epilog=EXAMPLES["visualize"] + "\n" + _config_help())
-    _add_common(p, "the config stored in the checkpoint; quickstart with --random-init")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--checkpoint", metavar="PATH", help="pre-training checkpoint (or exported backbone) to draw")
-    which.add_argument("--random-init", action="store_true", help="draw a randomly initialised backbone")
+    p = _add_backbone_command(sub, "visualize", desc, "to draw", "draw a randomly initialised backbone")
     p.add_argument("--run", metavar="DIR", help="a pre-training run folder: draws its training curves "
                    "(metrics.jsonl) and, without --checkpoint, its newest checkpoint")
     p.add_argument("--out", required=True, metavar="DIR", help="new or empty folder for the PNG files")

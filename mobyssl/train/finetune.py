@@ -29,12 +29,12 @@ from ..data.training import TrainingDataset, sample_seed
 from ..data.transforms import NORMALIZATION
 from ..errors import CheckpointError, ConfigError
 from ..eval.features import SkipUnreadable
-from ..runtime import autocast, rng_state, seed_everything, set_rng_state
+from ..runtime import autocast, rng_state, seed_everything
 from .checkpoint import find_resumable, write_run_checkpoint
 from .guards import NonFiniteGuard, StopSignals, TrainingInterrupted
 from .logging import MetricsLogger, Progress
 from .optim import warmup_cosine
-from .rundir import RunLock, check_fresh_output_dir, check_output_dir_writable
+from .rundir import RunLock, acquire_writable, check_fresh_output_dir
 
 
 class Classifier(nn.Module):
@@ -163,7 +163,7 @@ def finetune(cfg: Config, backbone: nn.Module, output_dir: str | Path, device: t
     epoch's results. ``resume``: continue the run in ``output_dir`` from its newest checkpoint."""
     from timm.optim import create_optimizer_v2
 
-    from .trainer import TrainingDiverged, make_scaler, train_step
+    from .trainer import TrainingDiverged, load_training_state, make_scaler, train_step
 
     fc, out = cfg.finetune, Path(output_dir)
     world = D.world_size()
@@ -218,16 +218,8 @@ def finetune(cfg: Config, backbone: nn.Module, output_dir: str | Path, device: t
     step, start_epoch = 0, 0
     if point is not None:
         path, state = point
-        try:
-            model.load_state_dict(state["finetune"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path} does not fit this fine-tuning run ({str(e).splitlines()[0][:200]}); "
-                                  "resume with the config it was started with.") from None
-        rng = state["rng"]
-        set_rng_state(rng[D.rank()] if D.rank() < len(rng) else rng[0])
-        step = int(state["global_step"])
+        step = load_training_state(state, path, model, optimizer, scaler, key="finetune", what="fine-tuning",
+                                   command="mobyssl finetune", fix="Resume with the command that started the run.")
         start_epoch = step // steps_per_epoch
         log(f"resumed from {path} at step {step} (epoch {step / steps_per_epoch:.2f})")
     loader = build.make_loader(dataset, per_rank, cfg.data.num_workers, device, drop_last=True, sampler=sampler,
@@ -235,16 +227,7 @@ def finetune(cfg: Config, backbone: nn.Module, output_dir: str | Path, device: t
     test_loader = build.make_loader(SkipUnreadable(test), cfg.knn.batch_size, cfg.data.num_workers, device,
                                     sampler=list(range(D.rank(), len(test), world)) if world > 1 else None)
     lock = RunLock(out, fresh=point is None)
-
-    def take_lock():
-        lock.acquire()
-        try:
-            check_output_dir_writable(out)
-        except BaseException:
-            lock.release()
-            raise
-
-    D.on_main_then_agree(take_lock)
+    D.on_main_then_agree(lambda: acquire_writable(lock))
     main = D.is_main_process()
     wrapped = D.wrap_ddp(model, device)
     if cfg.train.compile:

@@ -281,6 +281,16 @@ def _listing(names: list[str]) -> str:
     return ", ".join(shown) + (", ..." if len(names) > _MAX_LISTED else "")
 
 
+def acquire_writable(lock: RunLock) -> None:
+    """Take ``lock`` and check that its folder can be written; on a refusal the lock is released again."""
+    lock.acquire()
+    try:
+        check_output_dir_writable(lock.output_dir)
+    except BaseException:
+        lock.release()
+        raise
+
+
 def check_fresh_output_dir(output_dir: str | os.PathLike, own_lock: bool = False) -> None:
     """Refuse to start a NEW run (not ``--resume``) in ``output_dir`` unless it is a new or empty folder.
 

@@ -44,7 +44,7 @@ from .compat import check_resume_changes, config_changes
 from .guards import BadDataMonitor, CollapseMonitor, NonFiniteGuard, StopSignals, TrainingInterrupted
 from .logging import MetricsLogger, Progress
 from .optim import build_adamw, clip_each_gradient_, warmup_cosine
-from .rundir import RunLock, check_fresh_output_dir, check_output_dir_writable
+from .rundir import RunLock, acquire_writable, check_fresh_output_dir
 
 
 class TrainingDiverged(MobysslError, FloatingPointError):
@@ -234,16 +234,7 @@ def pretrain(cfg: Config, resume: bool | str | ResumePoint = False, log=print, a
     # One run per output_dir: rank 0 holds the lock; a new run re-checks the folder under it (another run may have
     # started meanwhile). Every rank stops if rank 0 cannot.
     lock = RunLock(out, fresh=point is None or point.path.resolve().parent != out.resolve())
-
-    def take_lock():
-        lock.acquire()
-        try:
-            check_output_dir_writable(out)
-        except BaseException:
-            lock.release()
-            raise
-
-    D.on_main_then_agree(take_lock)
+    D.on_main_then_agree(lambda: acquire_writable(lock))
     status = {"steps": 0}
     try:
         return _train(cfg, out, device, amp_dtype, dataset, eval_sets, method, point, log, status)
@@ -311,7 +302,7 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
     last_step = sched.total_steps if cfg.train.max_steps <= 0 else min(sched.total_steps, cfg.train.max_steps)
     start_epoch, global_step = 0, 0
     if point is not None:
-        global_step = _load_training_state(point, method, optimizer, scaler)
+        global_step = load_training_state(point.state, point.path, method, optimizer, scaler)
         start_epoch = global_step // steps_per_epoch
         if global_step >= last_step:
             log(f"nothing to train: {point.path} is at step {global_step} and this run ends at step {last_step} "
@@ -465,22 +456,24 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
     return {"global_step": global_step, "trained_steps": trained, **results}
 
 
-def _load_training_state(point: ResumePoint, method, optimizer, scaler) -> int:
-    """Load a checkpoint's training state into freshly built objects; returns its step."""
-    state = point.state
-    missing = [k for k in ("method", "optimizer", "scaler", "rng", "global_step") if k not in state]
+def load_training_state(state: dict, path, model, optimizer, scaler, key: str = "method",
+                        what: str = "pre-training", command: str = "mobyssl pretrain",
+                        fix: str = "Resume with the config it was trained with (omit --config: the checkpoint's own "
+                                   "config is used).") -> int:
+    """Load a checkpoint's training state (``state[key]``: the trained module's weights; the optimizer, grad scaler
+    and this rank's RNG states) into freshly built objects; returns its step."""
+    missing = [k for k in (key, "optimizer", "scaler", "rng", "global_step") if k not in state]
     if missing:
-        raise CheckpointError(f"{point.path} is not a pre-training checkpoint of mobyssl (no {', '.join(missing)}); "
-                              "--resume needs a checkpoint_*.pth written by `mobyssl pretrain`.")
-    check_finite(state["method"], point.path)
+        raise CheckpointError(f"{path} is not a {what} checkpoint of mobyssl (no {', '.join(missing)}); --resume "
+                              f"needs a checkpoint_*.pth written by `{command}`.")
+    check_finite(state[key], path)
     try:
-        method.load_state_dict(state["method"])
+        model.load_state_dict(state[key])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{point.path} does not fit the model this config builds "
-                              f"({str(e).strip().splitlines()[0][:200]}). Resume with the config it was trained with "
-                              "(omit --config: the checkpoint's own config is used).") from None
+        raise CheckpointError(f"{path} does not fit the model this config builds "
+                              f"({str(e).strip().splitlines()[0][:200]}). {fix}") from None
     rng = state["rng"]  # one state per rank that saved it
     set_rng_state(rng[D.rank()] if D.rank() < len(rng) else rng[0])
     return int(state["global_step"])
