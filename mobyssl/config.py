@@ -390,34 +390,35 @@ class CorrespondenceConfig(Section):
 
 
 class FinetuneConfig(Section):
-    """End-to-end supervised fine-tuning (``mobyssl finetune``); defaults: MAE's / BEiT's ViT recipe."""
+    """End-to-end supervised fine-tuning (``mobyssl finetune``); defaults: MAE's / BEiT's ViT recipe. None of these
+    keys changes a pre-training run, so a pre-training resume accepts any change to them."""
 
     key_prefix: ClassVar[str] = "finetune."
 
     output_dir: Optional[Text] = opt(None, "Folder of the fine-tuning run (new or empty; --resume continues it). "
                                            "null: <checkpoint's folder>/finetune, or runs/finetune_random_init with "
                                            "--random-init.", on_resume=SAFE)
-    epochs: Int = opt(100, "Fine-tuning epochs (MAE's ViT-B / BEiT: 100).", ge=1, le=100_000)
-    warmup_epochs: Float = opt(5, "Linear lr warm-up epochs (MAE: 5); at most finetune.epochs.", ge=0, le=100_000)
-    batch_size: Int = opt(1024, "Images per step over all processes (MAE: 1,024).", ge=2, le=2**20)
+    epochs: Int = opt(100, "Fine-tuning epochs (MAE's ViT-B / BEiT: 100).", ge=1, le=100_000, on_resume=SAFE)
+    warmup_epochs: Float = opt(5, "Linear lr warm-up epochs (MAE: 5); at most finetune.epochs.", ge=0, le=100_000, on_resume=SAFE)
+    batch_size: Int = opt(1024, "Images per step over all processes (MAE: 1,024).", ge=2, le=2**20, on_resume=SAFE)
     lr: Float = opt(5e-4, "AdamW peak lr per finetune.lr_ref_batch images (MAE: 5e-4 per 256), scaled linearly.",
-                    gt=0, le=10)
-    lr_ref_batch: Int = opt(256, "Reference batch for finetune.lr.", ge=1, le=2**20)
-    min_lr: Float = opt(1e-6, "Final lr of the cosine schedule (MAE: 1e-6).", ge=0, le=10)
+                    gt=0, le=10, on_resume=SAFE)
+    lr_ref_batch: Int = opt(256, "Reference batch for finetune.lr.", ge=1, le=2**20, on_resume=SAFE)
+    min_lr: Float = opt(1e-6, "Final lr of the cosine schedule (MAE: 1e-6).", ge=0, le=10, on_resume=SAFE)
     weight_decay: Float = opt(0.05, "AdamW weight decay (MAE: 0.05); not on biases, norms and tokens.", ge=0,
-                              le=10)
+                              le=10, on_resume=SAFE)
     layer_decay: Float = opt(0.75, "Layer-wise lr decay: block i of L gets lr x decay^(L - i) (MAE: 0.65 for "
-                                   "ViT-B, 0.75 for ViT-L; BEiT's ViT-S 0.75). 1: no decay.", gt=0, le=1)
-    drop_path: Float = opt(0.1, "Stochastic depth of the fine-tuned backbone (MAE: 0.1).", ge=0, lt=1)
-    label_smoothing: Float = opt(0.1, "Label smoothing (MAE: 0.1).", ge=0, lt=1)
-    mixup: Float = opt(0.8, "Mixup alpha (MAE: 0.8; 0: off).", ge=0, le=100)
+                                   "ViT-B, 0.75 for ViT-L; BEiT's ViT-S 0.75). 1: no decay.", gt=0, le=1, on_resume=SAFE)
+    drop_path: Float = opt(0.1, "Stochastic depth of the fine-tuned backbone (MAE: 0.1).", ge=0, lt=1, on_resume=SAFE)
+    label_smoothing: Float = opt(0.1, "Label smoothing (MAE: 0.1).", ge=0, lt=1, on_resume=SAFE)
+    mixup: Float = opt(0.8, "Mixup alpha (MAE: 0.8; 0: off).", ge=0, le=100, on_resume=SAFE)
     cutmix: Float = opt(1.0, "CutMix alpha (MAE: 1.0; 0: off). Each batch gets mixup or CutMix, half and half.",
-                        ge=0, le=100)
-    rand_augment: Optional[Text] = opt("rand-m9-mstd0.5-inc1", "timm RandAugment policy (MAE's); null: none.")
-    random_erasing: Probability = opt(0.25, "Random erasing probability, per-pixel noise (MAE: 0.25).")
+                        ge=0, le=100, on_resume=SAFE)
+    rand_augment: Optional[Text] = opt("rand-m9-mstd0.5-inc1", "timm RandAugment policy (MAE's); null: none.", on_resume=SAFE)
+    random_erasing: Probability = opt(0.25, "Random erasing probability, per-pixel noise (MAE: 0.25).", on_resume=SAFE)
     crop_scale: Annotated[list[Probability], Field(min_length=2, max_length=2)] = opt(
-        [0.08, 1.0], "RandomResizedCrop area range (timm / MAE: 0.08-1).")
-    clip_grad: Optional[Annotated[Float, Field(gt=0)]] = opt(None, "Gradient norm clipping (MAE: none).")
+        [0.08, 1.0], "RandomResizedCrop area range (timm / MAE: 0.08-1).", on_resume=SAFE)
+    clip_grad: Optional[Float] = opt(None, "Clip the gradient norm to this value (MAE: null, off).", gt=0, le=1e6, on_resume=SAFE)
 
     @model_validator(mode="after")
     def _relations(self):

@@ -63,8 +63,9 @@ def check_unreadable(ds, failed: list[str], max_fraction: float, skipped: dict |
 
 
 def _features(cfg: Config, backbone: nn.Module, device, amp_dtype, datasets, skipped: dict | None = None):
-    """Features and labels of the readable images of each dataset; under torchrun each rank embeds a shard
-    and all gather them (unreadable ones are dropped on each rank before gathering, with their labels)."""
+    """Features and labels of the readable images of each dataset, in the dataset's order; under torchrun each
+    rank embeds a shard and all gather them (unreadable ones are dropped on each rank before gathering, with their
+    labels), so the result is the one process's, row for row."""
     out = []
     for ds in datasets:
         shard = list(range(D.rank(), len(ds), D.world_size())) if D.is_distributed() else None
@@ -73,8 +74,12 @@ def _features(cfg: Config, backbone: nn.Module, device, amp_dtype, datasets, ski
         failed: list[str] = []
         feats, labels = extract_features(backbone, loader, device, amp_dtype, failed=failed)
         if D.is_distributed():
+            unreadable = set(failed)
+            kept = torch.tensor([i for i in shard if ds.keys[i] not in unreadable], dtype=torch.long)
             feats = D.gather_variable(feats.to(device)).cpu()
             labels = D.gather_variable(labels.to(device)).cpu()
+            order = D.gather_variable(kept.to(device)).cpu().argsort()  # back to the dataset's order, as on 1 process
+            feats, labels = feats[order], labels[order]
             failed = [k for part in D.gather_objects(failed) for k in part]
         check_unreadable(ds, failed, cfg.data.max_bad_fraction, skipped)
         out.append((feats, labels))

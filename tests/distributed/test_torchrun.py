@@ -65,3 +65,29 @@ def test_distributed_evaluation_matches_one_process(tmp_path, tiny_overrides):
                     "data.eval_train=bundled:cifar10-sample-test", "--output", str(tmp_path / "lin.json"), cwd=tmp_path)
     lin = json.loads((tmp_path / "lin.json").read_text())
     assert 0 <= lin["linear_top1"] <= 100 and "linear epoch 1/1" in out
+
+
+def test_distributed_fewshot_correspondence_and_finetune(tmp_path, tiny_overrides):
+    from mobyssl.cli import main
+    from mobyssl.config import load_config
+    from mobyssl.train.trainer import pretrain
+
+    run = tmp_path / "run"
+    pretrain(load_config("quickstart", [*tiny_overrides, f"output_dir={run}", "train.max_steps=2",
+                                        "train.knn_every=-1"]))
+    ckpt = str(run / "checkpoint.pth")
+    for command, extra in (("fewshot", ["fewshot.shots=[1, 5]", "fewshot.trials=2"]),
+                           ("correspondence", ["correspondence.top_k=5", "correspondence.jitter_prob=0"])):
+        assert main([command, "--checkpoint", ckpt, *extra, "--output", str(tmp_path / f"{command}1.json")]) == 0
+        _torchrun(command, "--checkpoint", ckpt, *extra, "--output", str(tmp_path / f"{command}2.json"), cwd=tmp_path)
+        one = json.loads((tmp_path / f"{command}1.json").read_text())
+        two = json.loads((tmp_path / f"{command}2.json").read_text())
+        # Features gathered back into the dataset's order: the same draws, the same classifiers, the same scores.
+        for key in one:
+            if key not in ("model", "command"):
+                assert abs(one[key] - two[key]) < 1e-4, (command, key, one[key], two[key])  # sums in float32
+    out = _torchrun("finetune", "--checkpoint", ckpt, "finetune.epochs=1", "finetune.batch_size=64",
+                    f"finetune.output_dir={tmp_path / 'ft'}", cwd=tmp_path)
+    assert "epoch 1/1: top-1" in out and "batch 64" in out
+    records = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["type"] == "eval"] == [1]  # rank 0 alone writes
