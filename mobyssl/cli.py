@@ -51,10 +51,10 @@ examples:
 """,
     "finetune": """\
 examples:
-  mobyssl finetune --checkpoint runs/quickstart/checkpoint.pth finetune.epochs=30   # -> runs/quickstart/finetune
+  mobyssl finetune --checkpoint runs/quickstart/checkpoint.pth      # -> runs/quickstart/finetune (30 epochs)
   mobyssl finetune --config quickstart --random-init finetune.epochs=30             # the baseline from scratch
   mobyssl finetune --checkpoint ckpt.pth data.eval_train=/data/train data.test=/data/val finetune.layer_decay=0.65
-  mobyssl finetune --checkpoint runs/quickstart/checkpoint.pth finetune.epochs=30 --resume   # after a stop
+  mobyssl finetune --checkpoint runs/quickstart/checkpoint.pth --resume      # after a stop
 """,
     "visualize": """\
 examples:

@@ -151,6 +151,13 @@ def test_a_folder_with_files_is_refused_and_resume_needs_a_checkpoint(tiny_cfg, 
         _run(tiny_cfg, tmp_path / "empty", resume=True)
 
 
+def test_the_quickstart_recipe_fine_tunes_on_its_sample_as_it_is(capsys):
+    """The README's `mobyssl finetune --checkpoint runs/quickstart/checkpoint.pth` needs no override."""
+    code = main(["finetune", "--config", "quickstart", "--random-init", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "7 steps/epoch x 30 epochs" in out, err
+
+
 def test_cli_dry_run_names_the_default_output_folder(capsys, tmp_path):
     code = main(["finetune", "--config", "quickstart", "--random-init", "--dry-run", "finetune.epochs=3",
                  "finetune.batch_size=64"])
