@@ -59,6 +59,12 @@ def golden_path(name: str) -> Path:
     return HERE / f"moby_{name}.pt"
 
 
+def write_golden(path: Path, recorded: dict) -> None:
+    """Save a recorded trajectory (every recorder's last step) and say where and how large."""
+    torch.save(recorded, path)
+    print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
+
+
 def build(name: str) -> MoBY:
     """The method under ``torch.manual_seed(SEED)``; call with float64 as the default dtype."""
     timm_name, kwargs = BACKBONES[name]
@@ -128,9 +134,7 @@ def record(name: str) -> dict:
 
 def main() -> int:
     for name in BACKBONES:
-        path = golden_path(name)
-        torch.save(record(name), path)
-        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
+        write_golden(golden_path(name), record(name))
     return 0
 
 

@@ -46,7 +46,7 @@ from mobyssl.train.trainer import make_scaler, train_step
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # run as a script or loaded by path from the tests: the recorders share one harness
-from make_golden import record_in_float64, state  # noqa: E402
+from make_golden import record_in_float64, state, write_golden  # noqa: E402
 
 SEED = 0
 BATCH, GLOBAL, STEPS, TOTAL_STEPS, STEPS_PER_EPOCH = 4, 16, 3, 10, 2
@@ -146,9 +146,7 @@ def record(name: str) -> dict:
 def main(names: list[str]) -> int:
     """Records the named variants (all without names)."""
     for name in names or VARIANTS:
-        path = golden_path(name)
-        torch.save(record(name), path)
-        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
+        write_golden(golden_path(name), record(name))
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_golden import record_in_float64, record_steps, state, views  # noqa: E402, F401 (state: for the tests)
+from make_golden import record_in_float64, record_steps, state, views, write_golden  # noqa: E402, F401 (state: for the tests)
 
 from mobyssl.methods import MoCoV3  # noqa: E402
 from mobyssl.models import create_backbone  # noqa: E402
@@ -73,9 +73,7 @@ def record(name: str = "vit") -> dict:
 
 
 def main() -> int:
-    path = golden_path()
-    torch.save(record(), path)
-    print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
+    write_golden(golden_path(), record())
     return 0
 
 
