@@ -13,6 +13,19 @@ import torch
 from .errors import ConfigError
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model`` in eval mode (no dropout, drop path; BatchNorm running statistics) without gradients; the caller's
+    mode comes back afterwards, also after an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 @functools.lru_cache(maxsize=256)
 def device_constant(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``torch.tensor(values)`` on ``device``, made once per (values, device, dtype); do not modify it in place.

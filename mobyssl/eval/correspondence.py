@@ -27,8 +27,9 @@ from tqdm import tqdm
 from .. import distributed as D
 from ..data.gpu_augment import _gray, apply_jitter, jitter_factors
 from ..data.transforms import NORMALIZATION
+from ..errors import BackboneError
 from ..models.backbones import patch_sides, patch_tokens
-from ..runtime import autocast
+from ..runtime import autocast, device_constant, eval_mode
 
 _MAX_SIMILARITIES = 2**26  # entries of the (images, N, N) similarity block matched at once (256 MiB in float32)
 
@@ -82,7 +83,7 @@ def _grid_sides(backbone: nn.Module, features: torch.Tensor, images: torch.Tenso
         return height // patch[0], width // patch[1]
     h = max(round(math.sqrt(n * height / width)), 1)  # no usable patch size: the grid with the image's aspect
     if h * (n // h) != n:
-        raise ValueError(f"cannot tell the token grid of {type(backbone).__name__}: {n} tokens for "
+        raise BackboneError(f"cannot tell the token grid of {type(backbone).__name__}: {n} tokens for "
                          f"{height}x{width} images")
     return h, n // h
 
@@ -159,17 +160,15 @@ def evaluate_correspondence(backbone: nn.Module, loader, device: torch.device, a
     with torch.no_grad():  # in the body: mutation testing skips decorated functions
         if normalization not in NORMALIZATION:
             raise ValueError(f"data.normalization must be one of {sorted(NORMALIZATION)}, got {normalization!r}")
-        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in NORMALIZATION[normalization])
+        mean, std = (device_constant(tuple(v), device).view(1, 3, 1, 1) for v in NORMALIZATION[normalization])
         generator = torch.Generator(device=device).manual_seed(seed)
         keys = ("top_k_accuracy", "top_k_distance", "all_accuracy", "all_distance")
         # Sums, then the image count, on the device (no host wait per batch); MPS has no float64.
         totals = torch.zeros(len(keys) + 1, device=device,
                              dtype=torch.float32 if device.type == "mps" else torch.float64)
-        was_training = backbone.training
-        backbone.eval()
         bar = tqdm(loader, desc="correspondence", unit="batch", leave=False,
                    disable=not (sys.stderr.isatty() and D.is_main_process()))
-        try:
+        with eval_mode(backbone):
             for batch in bar:
                 images = batch[0]
                 image_keys = batch[2] if len(batch) > 2 and not torch.is_tensor(batch[2]) else ()
@@ -193,8 +192,6 @@ def evaluate_correspondence(backbone: nn.Module, loader, device: torch.device, a
                                           flipped=view2.flip)
                     totals[:-1] += torch.stack([scores[key].sum() for key in keys]).to(totals.dtype)
                 totals[-1] += f1.shape[0]
-        finally:
-            backbone.train(was_training)
         totals = D.gather_no_grad(totals[None]).sum(0).cpu()
         mean_of = dict(zip(keys, (totals[:-1] / totals[-1]).tolist()))  # NaN when no image was read
         return {

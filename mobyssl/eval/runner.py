@@ -22,6 +22,7 @@ from ..data import DataError, eval_transform, linear_train_transform, open_datas
 from ..data.sampler import GlobalBatchSampler
 from ..errors import ConfigError
 from ..models.last_blocks import LastBlocksFeatures
+from ..runtime import eval_mode
 from .correspondence import View2, evaluate_correspondence, token_grid
 from .features import SkipUnreadable, extract_features
 from .fewshot import check_shots, fewshot_classify
@@ -168,16 +169,11 @@ def run_fewshot(cfg: Config, backbone: nn.Module, device: torch.device, amp_dtyp
 def check_correspondence_top_k(backbone: nn.Module, cfg: Config) -> None:
     """Refuse ``correspondence.top_k`` larger than the backbone's final token grid at ``data.image_size`` (one
     forward pass of a blank image), before any data is read."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            size = cfg.data.image_size
-            param = next(backbone.parameters(), None)
-            blank = torch.zeros(1, 3, size, size, device=param.device if param is not None else "cpu")
-            _, h, w, _ = token_grid(backbone, blank).shape
-    finally:
-        backbone.train(was_training)
+    size = cfg.data.image_size
+    param = next(backbone.parameters(), None)
+    with eval_mode(backbone):
+        blank = torch.zeros(1, 3, size, size, device=param.device if param is not None else "cpu")
+        _, h, w, _ = token_grid(backbone, blank).shape
     if cfg.correspondence.top_k > h * w:
         raise ConfigError(f"config key 'correspondence.top_k' is {cfg.correspondence.top_k}, but {cfg.model.backbone} "
                           f"has a {h}x{w} final token grid at data.image_size={size} ({h * w} tokens); set "
@@ -249,11 +245,8 @@ def run_visualize(cfg: Config, backbone: nn.Module, device: torch.device, amp_dt
         check_unreadable(bank, failed, cfg.data.max_bad_fraction)
         unreadable = set(failed)
         kept = [i for i, name in enumerate(bank.keys) if name not in unreadable]  # the rows of bank_features
-        with torch.no_grad():
-            was_training = backbone.training
-            backbone.eval()
+        with eval_mode(backbone):
             query_features = backbone(images).float().cpu()
-            backbone.train(was_training)
         similarities, rows = nearest_neighbours(query_features, bank_features, min(k, len(kept)))
         neighbours = torch.stack([torch.stack([bank[kept[r]][0] for r in row]) for row in rows.tolist()])
         names_of_classes = class_names or bank.classes or None

@@ -11,7 +11,6 @@ nothing here touches pyplot or the global backend.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -25,7 +24,9 @@ from torch import nn
 
 from ..data.transforms import NORMALIZATION
 from ..errors import BackboneError, DataError, RunDirError
-from ..models.backbones import patch_sides, patch_tokens
+from ..models.backbones import patch_sides
+from ..runtime import eval_mode
+from .correspondence import token_grid
 
 Normalization = Union[str, tuple[Sequence[float], Sequence[float]]]
 
@@ -38,18 +39,6 @@ PANEL_INCHES, DPI = (4.0, 3.0), 100  # one training-curve panel: 400 x 300 px
 # ----------------------------------------------------------------------------------------------------------------
 # Computation (no I/O)
 # ----------------------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode (no dropout / drop path) for the pictures; the caller's mode comes back afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
-
 
 def _vit_last_attention(vit: nn.Module) -> nn.Module:
     """The last block's attention module of a timm ViT with a class token, or a ``BackboneError`` saying why not."""
@@ -76,7 +65,7 @@ def last_self_attention(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     caught = []
     handle = attn.register_forward_pre_hook(lambda module, args: caught.append(args[0]))
     try:
-        with _eval_mode(vit):
+        with eval_mode(vit):
             vit.forward_features(images)
             x = caught[-1]
             batch, tokens, _ = x.shape
@@ -128,22 +117,10 @@ def threshold_masks(attn: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def feature_grid(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Patch features ``(B, h, w, C)`` of any timm ViT or Swin (``forward_features`` + ``patch_tokens``), in eval
+    """Patch features ``(B, h, w, C)`` float32 of any timm ViT or Swin (``correspondence.token_grid``), in eval
     mode without gradients: a ViT's patch tokens on its ``H // patch`` grid, a Swin's last-stage map."""
-    with _eval_mode(backbone):
-        features = backbone.forward_features(images)
-    tokens = patch_tokens(backbone, features)
-    if features.dim() == 4:
-        nhwc = getattr(backbone, "output_fmt", "NCHW") == "NHWC"
-        h, w = features.shape[1:3] if nhwc else features.shape[2:4]
-    else:
-        sides = patch_sides(backbone)
-        if not sides:
-            raise BackboneError(f"{type(backbone).__name__} has no patch embedding: cannot lay its tokens on a grid.")
-        h, w = images.shape[-2] // sides[0], images.shape[-1] // sides[1]
-    if tokens.shape[1] != h * w:
-        raise BackboneError(f"{tokens.shape[1]} patch tokens of {type(backbone).__name__} do not fill a {h}x{w} grid.")
-    return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).float()
+    with eval_mode(backbone):
+        return token_grid(backbone, images).float()
 
 
 def pca_rgb(tokens_grid: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ..data.training import TrainingDataset, sample_seed
 from ..data.transforms import NORMALIZATION
 from ..errors import CheckpointError, ConfigError
 from ..eval.features import SkipUnreadable
-from ..runtime import autocast, rng_state, seed_everything
+from ..runtime import autocast, eval_mode, rng_state, seed_everything
 from .checkpoint import find_resumable, write_run_checkpoint
 from .guards import NonFiniteGuard, StopSignals, TrainingInterrupted
 from .logging import MetricsLogger, Progress
@@ -133,13 +133,10 @@ def default_output_dir(checkpoint: str | None) -> Path:
     return Path(checkpoint).resolve().parent / "finetune" if checkpoint else Path("runs/finetune_random_init")
 
 
-@torch.no_grad()
 def evaluate_top1(model: nn.Module, loader, device: torch.device, amp_dtype) -> dict[str, float]:
     """Top-1 / top-5 (%) of ``model``'s logits on the readable images of ``loader`` (over all ranks)."""
-    was_training = model.training
-    model.eval()
     counts = torch.zeros(3, device=device, dtype=torch.float64)
-    try:
+    with eval_mode(model):
         for images, labels, keys in loader:
             keep = torch.tensor([not k for k in keys])
             if not keep.any():
@@ -150,8 +147,6 @@ def evaluate_top1(model: nn.Module, loader, device: torch.device, amp_dtype) -> 
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             counts += torch.stack([(top5[:, 0] == labels).sum(), (top5 == labels[:, None]).any(1).sum(),
                                    torch.tensor(labels.shape[0], device=device)]).double()
-    finally:
-        model.train(was_training)
     counts = D.gather_no_grad(counts[None]).sum(0)
     return {"top1": (100 * counts[0] / counts[2]).item(), "top5": (100 * counts[1] / counts[2]).item()}
 
