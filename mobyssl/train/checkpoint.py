@@ -9,6 +9,8 @@ never replaces or damages an existing checkpoint.
 
 from __future__ import annotations
 
+import argparse
+import collections
 import contextlib
 import errno
 import os
@@ -25,6 +27,7 @@ import torch
 from ..config import DEFAULT_METHOD
 from ..errors import CheckpointError, MobysslError, RunDirError
 from ..methods import get_method
+from ..models.layouts import is_tensor_dict, published_backbone, to_timm_backbone
 from .rundir import LOCK_NAME, check_output_file, is_checkpoint_name
 
 LATEST = "checkpoint.pth"
@@ -156,6 +159,12 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     _fsync_dir(path.parent)
 
 
+# Plain-data classes in the metadata of published checkpoints, read without running their code: DINO and EsViT
+# save their argparse.Namespace, MoBY its yacs CfgNode (a dict subclass, read as an OrderedDict; yacs need not
+# be installed).
+PUBLISHED_METADATA = [argparse.Namespace, (collections.OrderedDict, "yacs.config.CfgNode")]
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if path.is_dir():
@@ -165,7 +174,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         why = "is a broken link" if path.is_symlink() else "does not exist"
         raise CheckpointError(f"checkpoint {path} {why}; check the path (runs write <output_dir>/{LATEST}).")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(PUBLISHED_METADATA):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError, IndexError,
             KeyError, struct.error) as e:
         if "Weights only load failed" in str(e):  # torch's advice to load untrusted code is not ours to give
@@ -298,7 +308,8 @@ def find_resumable(output_dir: str | os.PathLike, log=print) -> tuple[Path, dict
 def backbone_state_dict(state: dict, source: str = "checkpoint") -> dict:
     """The weights of the network a method evaluates and exports (``Method.backbone``: MoBY's online encoder,
     DINO's teacher), in timm's key layout, from a pre-training checkpoint; the fine-tuned backbone of a
-    ``mobyssl finetune`` checkpoint (without its head); or those of an export."""
+    ``mobyssl finetune`` checkpoint (without its head); those of an export; or, converted, those of a published
+    DINO, EsViT or MoBY checkpoint or a bare state dict (:mod:`mobyssl.models.layouts`)."""
     if "method" in state:
         config = state.get("config") if isinstance(state.get("config"), dict) else {}
         section = config.get("method") if isinstance(config.get("method"), dict) else {}
@@ -315,10 +326,16 @@ def backbone_state_dict(state: dict, source: str = "checkpoint") -> dict:
         if not sd:
             raise CheckpointError(f"{source} is a fine-tuning checkpoint without 'model.*' backbone keys")
         return sd
-    if state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        return state  # a bare timm state dict
-    raise CheckpointError(f"{source} is neither a mobyssl pre-training checkpoint nor a backbone state dict "
-                          f"(top-level keys: {', '.join(list(state)[:8])})")
+    published = published_backbone(state)
+    if published is not None:
+        return published[0]
+    if is_tensor_dict(state):
+        return to_timm_backbone(state)  # a bare state dict: timm's layout or the original Swin one
+    raise CheckpointError(f"{source} is not a checkpoint layout mobyssl reads (top-level keys: "
+                          f"{', '.join(map(str, list(state)[:8]))}). It reads mobyssl's pre-training, fine-tuning and "
+                          "export files, DINO / EsViT checkpoints (student / teacher), MoBY (Transformer-SSL) "
+                          "checkpoints (model with encoder.*), and bare backbone state dicts (timm's or the original "
+                          "Swin layout).")
 
 
 def check_finite(state_dict: dict, source) -> None:
