@@ -36,5 +36,8 @@ def test_speedrun_smoke(tiny_overrides, sizing):
 
 
 def test_pretrain_knn_smoke(tiny_overrides):
-    out = _run("pretrain_knn.py", *tiny_overrides, "train.max_steps=2")
+    # --extra-test with the bundled train sample as a second, larger labelled set (1,000 images, not 500).
+    out = _run("pretrain_knn.py", "--extra-test", "bundled:cifar10-sample-train", *tiny_overrides,
+               "train.max_steps=2")
     assert "random init -> trained" in out and '"trained"' in out
+    assert "on the 500 test images" in out and "on the 1000 images of bundled:cifar10-sample-train" in out
