@@ -217,6 +217,11 @@ class ModelConfig(Section):
         "(BatchNorm, +1.1 top-1 at 100 epochs).", on_resume=ARCHITECTURE)
     kwargs: dict[str, Any] = opt({}, "Extra keyword arguments passed to timm.create_model (e.g. {embed_dim: 96}).",
                                  on_resume=ARCHITECTURE)
+    init: Optional[Text] = opt(
+        None, "Start pre-training from these backbone weights instead of random ones (continual pre-training on "
+              "your own images): a mobyssl checkpoint or export, a timm state dict, or a published DINO, EsViT or "
+              "MoBY checkpoint. The trained backbone and its momentum copy start from them; heads start fresh. The "
+              "weights must fit model.backbone / model.kwargs / data.image_size.", on_resume=SAFE)
 
 
 def method_name(name: str) -> Any:

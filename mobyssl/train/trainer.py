@@ -30,12 +30,16 @@ from ..data import DataError
 from ..data.sampler import GlobalBatchSampler
 from ..errors import CheckpointError, ConfigError, MobysslError
 from ..eval.runner import run_knn
+from ..methods import Method
+from ..models.momentum import copy_weights
 from ..models.sync_bn import convert_sync_batchnorm
 from ..runtime import autocast, resolve_amp, resolve_device, rng_state, seed_everything, set_rng_state
 from .checkpoint import (
     DIAGNOSTIC,
+    backbone_state_dict,
     check_finite,
     find_resumable,
+    load_backbone_weights,
     load_checkpoint,
     save_checkpoint,
     write_run_checkpoint,
@@ -228,6 +232,8 @@ def pretrain(cfg: Config, resume: bool | str | ResumePoint = False, log=print, a
     point = _resume_point(cfg, out, resume, accept_changes, log)
     if point is None:
         D.on_main_then_agree(lambda: check_fresh_output_dir(out))
+        if cfg.model.init:
+            init_backbone(method, cfg.model.init, log)
     if dry_run:
         return {"global_step": point.state.get("global_step", 0) if point else 0,
                 "steps_per_epoch": len(dataset) // batch}
@@ -454,6 +460,23 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
         + (f"; k-NN: {_fmt(results)}" if results else "")
         + (f"; skipped {bad_data.failed} unreadable images" if bad_data.failed else ""))
     return {"global_step": global_step, "trained_steps": trained, **results}
+
+
+def init_backbone(method: Method, path: str, log=print) -> None:
+    """``model.init``: the trained backbone starts from the weights in ``path`` (any layout
+    :func:`backbone_state_dict` reads), and so does every momentum copy of it (MoBY's target encoder, DINO's
+    teacher); heads, queues and centres keep their fresh initialisation."""
+    source = f"model.init={path}"
+    try:
+        sd = backbone_state_dict(load_checkpoint(path), source)
+    except CheckpointError as e:
+        raise CheckpointError(f"config key 'model.init': {e}") from None
+    online = method.trained_backbone
+    load_backbone_weights(online, sd, source)
+    for module, momentum_copy in method.momentum_pairs():
+        if module is online:
+            copy_weights(module, momentum_copy)
+    log(f"backbone initialised from {path} ({len(sd)} tensors)")
 
 
 def load_training_state(state: dict, path, model, optimizer, scaler, key: str = "method",
