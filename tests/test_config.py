@@ -143,6 +143,37 @@ def test_unknown_recipe_name_suggests_closest():
 # --------------------------------------------------------------------------- paper defaults
 
 
+# The three published fine-tuning recipes the shipped recipes carry (README, "Fine-tuning"):
+# (epochs, warm-up, batch, lr, lr reference batch, weight decay, layer decay, random erasing, clip)
+FINETUNE_VIT_224 = (100, 5, 1024, 5e-4, 256, 0.05, 0.75, 0.25, None)      # MAE / BEiT
+FINETUNE_SWIN_224 = (100, 20, 2048, 1.25e-3, 512, 0.05, 0.9, 0.25, 5.0)   # SimMIM's Swin
+FINETUNE_SMALL = (100, 3, 1024, 3e-4, 512, 0.1, 1.0, 0.0, None)           # MoCo v3's CIFAR-10 transfer
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if "quickstart" not in n])
+def test_every_full_recipe_carries_the_finetuning_recipe_of_its_backbone_and_image_size(name):
+    c = load_config(name)
+    f = c.finetune
+    got = (f.epochs, f.warmup_epochs, f.batch_size, f.lr, f.lr_ref_batch, f.weight_decay, f.layer_decay,
+           f.random_erasing, f.clip_grad)
+    if c.data.image_size <= 96 or name == "sit_vit_small_small_data":
+        expected = FINETUNE_SMALL
+    elif "swin" in c.model.backbone:
+        expected = FINETUNE_SWIN_224
+    else:
+        expected = FINETUNE_VIT_224
+    assert got == pytest.approx(expected)
+    assert (f.drop_path, f.label_smoothing, f.mixup, f.cutmix) == pytest.approx((0.1, 0.1, 0.8, 1.0))
+    assert f.rand_augment == "rand-m9-mstd0.5-inc1"
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if "quickstart" in n])
+def test_quickstarts_shorten_the_small_image_finetuning_recipe(name):
+    f = load_config(name).finetune
+    assert (f.epochs, f.batch_size) == (30, 128)
+    assert (f.lr, f.lr_ref_batch, f.weight_decay, f.layer_decay) == pytest.approx((3e-4, 512, 0.1, 1.0))
+
+
 def test_paper_recipe_defaults():
     c = load_config("moby_swin_tiny_in1k")
     t, m, a = c.train, c.method, c.data.aug
