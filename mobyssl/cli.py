@@ -170,13 +170,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, metavar="T", help="also masks keeping the patches that hold "
                    "fraction T of each head's attention (DINO uses 0.6)")
 
-    p = sub.add_parser("export", help="write the backbone's weights in timm's key layout",
+    p = sub.add_parser("export", help="write the backbone's weights for timm, torchvision or the authors' code",
                        description="Extract the online backbone from a pre-training checkpoint as a plain "
                                    "state dict that timm.create_model(..., num_classes=0) loads. Never writes over "
                                    "a training checkpoint; writes atomically.")
     p.add_argument("--checkpoint", required=True, metavar="PATH")
     p.add_argument("--output", required=True, metavar="PATH", help="e.g. backbone.pth")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file (never a training checkpoint)")
+    p.add_argument("--format", default="timm", choices=["timm", "torchvision", "official"],
+                   help="key layout: timm (default; timm.create_model(..., num_classes=0) loads it), torchvision "
+                        "(its VisionTransformer / SwinTransformer of the same shape), or official (the authors' "
+                        "layout in a {'model': ...} file: the original Swin layout that the MoBY authors' "
+                        "detection and segmentation code loads; DeiT's, i.e. timm's, for ViTs)")
 
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("backbones", help="list small-image presets and backbone aliases")
@@ -447,6 +452,7 @@ def _cmd_visualize(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from .errors import CheckpointError
     from .models.backbones import timm_call
     from .train.checkpoint import backbone_state_dict, check_export_target, check_finite, load_checkpoint, save_export
 
@@ -461,20 +467,51 @@ def _cmd_export(args) -> int:
     if model.get("backbone"):
         call = timm_call(model["backbone"], img_size=cfg.get("data", {}).get("image_size"),
                          norm_before_mlp=model.get("norm_before_mlp", "ln"), **(model.get("kwargs") or {}))
-    save_export(sd, output, source_checkpoint=args.checkpoint, overwrite=args.overwrite)
-    print(f"wrote {len(sd)} tensors to {output} (backbone {model.get('backbone', '?')})")
+    elif args.format != "timm":
+        raise CheckpointError(f"{args.checkpoint} stores no config, so its architecture is unknown and --format "
+                              f"{args.format} cannot be written; use --format timm")
+    written, load = sd, None
+    if args.format != "timm":
+        written, load = _convert_export(args.format, model, cfg, sd, args.checkpoint, output)
+    save_export(written, output, source_checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"wrote {len(sd)} backbone tensors to {output} ({args.format} layout; backbone {model.get('backbone', '?')})")
     if call is None:
         print("the checkpoint stores no config, so the call that rebuilds its architecture is unknown")
         return 0
-    imports = "import functools, timm, torch" + (", mobyssl.models.backbones" if "mobyssl." in call["code"] else "")
-    load = (f"{imports}\nmodel = {call['code']}\n"
-            f"model.load_state_dict(torch.load({str(output)!r}, map_location='cpu'))")
-    _write_atomic(recipe, json.dumps({"backbone": model["backbone"], "timm_name": call["timm_name"],
+    if load is None:
+        imports = "import functools, timm, torch" + (", mobyssl.models.backbones" if "mobyssl." in call["code"] else "")
+        load = (f"{imports}\nmodel = {call['code']}\n"
+                f"model.load_state_dict(torch.load({str(output)!r}, map_location='cpu'))")
+    _write_atomic(recipe, json.dumps({"backbone": model["backbone"], "format": args.format, "timm_name": call["timm_name"],
                                       "timm_kwargs": call["kwargs"], "load": load, "weights": output.name,
                                       "source_checkpoint": str(args.checkpoint), "step": state.get("global_step"),
                                       "method": cfg.get("method", {}).get("name")}, indent=2, default=str) + "\n")
     print(f"rebuild and load it with (also in {recipe}):\n{textwrap.indent(load, '    ')}")
     return 0
+
+
+def _convert_export(fmt: str, model: dict, cfg: dict, sd: dict, checkpoint, output) -> tuple[dict, str | None]:
+    """The backbone in ``fmt``'s layout and, where a Python class loads it, the lines that do."""
+    from .errors import ConfigError
+    from .models.backbones import create_backbone
+    from .models.layouts import ExportError, to_original, to_torchvision
+    from .train.checkpoint import load_backbone_weights
+
+    net = create_backbone(model["backbone"], img_size=cfg.get("data", {}).get("image_size"),
+                          norm_before_mlp=model.get("norm_before_mlp", "ln"), **(model.get("kwargs") or {}))
+    load_backbone_weights(net, sd, str(checkpoint))
+    try:
+        if fmt == "official":
+            return to_original(net, net.state_dict()), (
+                "# The authors' layout in a {'model': state dict} file, as their released weights: give the file to "
+                "their code\n# (e.g. pretrained= of a Swin backbone in the Swin / MoBY detection and segmentation "
+                "code); timm and\n# torchvision load --format timm and --format torchvision.")
+        converted, code, after = to_torchvision(net, net.state_dict())
+    except ExportError as e:
+        raise ConfigError(str(e)) from None
+    load = (f"import functools, torch, torchvision\nmodel = {code}\n{after}\n"
+            f"model.load_state_dict(torch.load({str(output)!r}, map_location='cpu'))")
+    return converted, load
 
 
 def _cmd_list(args) -> int:

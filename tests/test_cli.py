@@ -508,3 +508,84 @@ def test_export_prints_and_writes_the_call_that_rebuilds_and_loads_the_backbone(
     with torch.no_grad():
         assert torch.equal(rebuilt(x), ours(x))  # the same function, bit for bit
 
+
+
+def _trained_checkpoint(tmp_path, recipe, overrides):
+    import torch
+
+    from mobyssl.build import build_method
+    from mobyssl.config import load_config, to_dict
+
+    cfg = load_config(recipe, overrides)
+    torch.manual_seed(3)
+    method = build_method(cfg)
+    ckpt = tmp_path / "trained.pth"
+    torch.save({"config": to_dict(cfg), "method": method.state_dict(), "global_step": 7}, ckpt)
+    return cfg, method, ckpt
+
+
+# A small Swin whose token maps (16x16, 8x8) the 4x4 window tiles, with shifted blocks in both stages.
+SMALL_SWIN = ["model.backbone=swin_tiny_patch4_window7_224", "data.image_size=64",
+              "model.kwargs={layer_norm_eps: 1.0e-6, embed_dim: 32, depths: [2, 2], num_heads: [1, 2], window_size: 4}"]
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("quickstart", []),              # ViT -> torchvision.models.VisionTransformer
+    ("esvit_quickstart", SMALL_SWIN),  # Swin (EsViT's eps) -> torchvision.models.SwinTransformer
+])
+def test_export_torchvision_loads_into_torchvisions_own_class_with_the_same_features(capsys, tmp_path, recipe,
+                                                                                      overrides):
+    import json
+
+    import torch
+
+    cfg, method, ckpt = _trained_checkpoint(tmp_path, recipe, overrides)
+    out = tmp_path / "tv.pth"
+    code, stdout, err = run(capsys, "export", "--checkpoint", str(ckpt), "--output", str(out), "--format", "torchvision")
+    assert code == 0, err
+    load = json.loads((tmp_path / "tv.json").read_text())["load"]
+    assert "torchvision.models." in load and load in stdout.replace("\n    ", "\n")
+    namespace: dict = {}
+    exec(load, namespace)  # strict load_state_dict: no missing and no unexpected key
+    rebuilt, ours = namespace["model"].eval(), method.backbone.eval()
+    x = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs, mine = rebuilt(x), ours(x)
+    assert theirs.shape == mine.shape
+    torch.testing.assert_close(theirs, mine, rtol=1e-5, atol=1e-5)  # their attention kernels round differently
+
+
+def test_export_official_swin_is_the_original_layout_with_its_buffers(capsys, tmp_path):
+    import torch
+
+    from mobyssl.models.layouts import original_swin_to_timm
+
+    _, method, ckpt = _trained_checkpoint(tmp_path, "esvit_quickstart", SMALL_SWIN)
+    out = tmp_path / "swin_official.pth"
+    code, stdout, err = run(capsys, "export", "--checkpoint", str(ckpt), "--output", str(out), "--format", "official")
+    assert code == 0, err
+    saved = torch.load(out, weights_only=True)
+    assert list(saved) == ["model"]
+    original = saved["model"]
+    assert "layers.0.downsample.reduction.weight" in original  # patch merging at the end of stage 0
+    assert any(k.endswith("attn.relative_position_index") for k in original)
+    assert any(k.endswith("attn_mask") for k in original)
+    ours = method.backbone.state_dict()
+    back = original_swin_to_timm(original)
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.backbone=swin_nano_patch2_window4_32"], r"--format torchvision: stage \d's \dx\d token map is not a "
+                                                      r"multiple of the 4x4 window"),
+    (["model.kwargs={no_embed_class: true}"], r"--format torchvision: torchvision's VisionTransformer needs exactly "
+                                              r"one class token"),
+])
+def test_export_torchvision_refuses_what_its_classes_cannot_hold(capsys, tmp_path, overrides, match):
+    import re
+
+    _, _, ckpt = _trained_checkpoint(tmp_path, "quickstart", overrides)
+    out = tmp_path / "tv.pth"
+    code, _, err = run(capsys, "export", "--checkpoint", str(ckpt), "--output", str(out), "--format", "torchvision")
+    assert code != 0 and re.search(match, err), err
+    assert "--format timm" in err and not out.exists()

@@ -17,6 +17,7 @@ exists), timm at the start of the next (``layers.1.downsample``), and stores two
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -88,3 +89,142 @@ def published_backbone(state: dict) -> tuple[dict, str] | None:
 
 def is_tensor_dict(state: dict) -> bool:
     return bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+# --------------------------------------------------------------------------- exports to other code bases
+
+EXPORT_FORMATS = ("timm", "torchvision", "official")
+
+
+class ExportError(ValueError):
+    """A backbone that a format's target class cannot hold exactly."""
+
+
+def _require(ok: bool, what: str, fmt: str) -> None:
+    if not ok:
+        raise ExportError(f"--format {fmt}: {what}; use --format timm (timm builds every mobyssl backbone)")
+
+
+def _timm_kind(model) -> str:
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    if isinstance(model, SwinTransformer):
+        return "swin"
+    return type(model).__name__
+
+
+def _swin_shape(model) -> dict:
+    first = model.layers[0].blocks[0]
+    return {"patch_size": list(model.patch_embed.patch_size), "embed_dim": int(model.embed_dim),
+            "depths": [len(stage.blocks) for stage in model.layers],
+            "num_heads": [stage.blocks[0].attn.num_heads for stage in model.layers],
+            "window_size": list(first.window_size),
+            "mlp_ratio": first.mlp.fc1.out_features / first.mlp.fc1.in_features}
+
+
+def _torchvision_vit(model, sd: dict) -> tuple[dict, str, str]:
+    fmt = "torchvision"
+    blocks = list(model.blocks)
+    _require(model.cls_token is not None and model.num_prefix_tokens == 1 and not model.no_embed_class,
+             "torchvision's VisionTransformer needs exactly one class token and position embeddings on it", fmt)
+    _require(model.global_pool == "token", "torchvision's VisionTransformer pools the class token", fmt)
+    _require(isinstance(model.norm_pre, torch.nn.Identity) and isinstance(model.fc_norm, torch.nn.Identity),
+             "torchvision's VisionTransformer has no pre-norm or pooled-feature norm", fmt)
+    _require(all(b.attn.qkv.bias is not None and isinstance(b.ls1, torch.nn.Identity)
+                 and isinstance(b.attn.q_norm, torch.nn.Identity) for b in blocks),
+             "torchvision's blocks have qkv biases and no layer scale or q/k norm", fmt)
+    _require(all(abs(n.eps - 1e-6) < 1e-12 for n in [model.norm] + [b.norm1 for b in blocks]),
+             "torchvision's VisionTransformer uses LayerNorm eps 1e-6", fmt)
+    patch = model.patch_embed.patch_size
+    size = model.patch_embed.img_size
+    _require(patch[0] == patch[1] and size[0] == size[1], "torchvision's VisionTransformer takes square images and "
+             "patches", fmt)
+    out = {"class_token": sd["cls_token"], "conv_proj.weight": sd["patch_embed.proj.weight"],
+           "conv_proj.bias": sd["patch_embed.proj.bias"], "encoder.pos_embedding": sd["pos_embed"],
+           "encoder.ln.weight": sd["norm.weight"], "encoder.ln.bias": sd["norm.bias"]}
+    names = {"norm1": "ln_1", "attn.qkv.weight": "self_attention.in_proj_weight",
+             "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
+             "norm2": "ln_2", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
+    for i in range(len(blocks)):
+        for key, value in strip_prefix(sd, f"blocks.{i}.").items():
+            for ours, theirs in names.items():
+                if key.startswith(ours):
+                    out[f"encoder.layers.encoder_layer_{i}.{theirs}{key[len(ours):]}"] = value
+                    break
+            else:
+                raise ExportError(f"--format torchvision: block key blocks.{i}.{key} has no torchvision counterpart")
+    first = blocks[0]
+    code = (f"torchvision.models.VisionTransformer(image_size={size[0]}, patch_size={patch[0]}, "
+            f"num_layers={len(blocks)}, num_heads={first.attn.num_heads}, hidden_dim={model.embed_dim}, "
+            f"mlp_dim={first.mlp.fc1.out_features})")
+    return out, code, "model.heads = torch.nn.Identity()  # the class token after the final norm"
+
+
+def _torchvision_swin(model, sd: dict) -> tuple[dict, str, str]:
+    import torchvision
+
+    fmt = "torchvision"
+    shape = _swin_shape(model)
+    window = shape["window_size"]
+    for stage, layer in enumerate(model.layers):
+        res = layer.blocks[0].input_resolution
+        _require(all(r % w == 0 and r >= w for r, w in zip(res, window)) and
+                 all(tuple(b.window_size) == tuple(window) for b in layer.blocks),
+                 f"stage {stage}'s {res[0]}x{res[1]} token map is not a multiple of the {window[0]}x{window[1]} "
+                 "window (torchvision pads such maps where timm shrinks the window)", fmt)
+    _require(all(isinstance(b.norm2, torch.nn.LayerNorm) for stage in model.layers for b in stage.blocks),
+             "the MoBY-1 BatchNorm Swin has layers torchvision's Swin lacks", fmt)
+    eps = model.norm.eps
+    norm = "" if abs(eps - 1e-5) < 1e-12 else f", norm_layer=functools.partial(torch.nn.LayerNorm, eps={eps!r})"
+    code = (f"torchvision.models.SwinTransformer(patch_size={shape['patch_size']}, embed_dim={shape['embed_dim']}, "
+            f"depths={shape['depths']}, num_heads={shape['num_heads']}, window_size={window}, "
+            f"mlp_ratio={shape['mlp_ratio']!r}{norm})")
+    out = {"features.0.0.weight": sd["patch_embed.proj.weight"], "features.0.0.bias": sd["patch_embed.proj.bias"],
+           "features.0.2.weight": sd["patch_embed.norm.weight"], "features.0.2.bias": sd["patch_embed.norm.bias"],
+           "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}
+    mlp = {"mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
+    for key, value in sd.items():
+        m = re.match(r"layers\.(\d+)\.(blocks\.(\d+)|downsample)\.(.*)", key)
+        if m is None:
+            continue
+        stage, rest = int(m.group(1)), m.group(4)
+        if m.group(3) is not None:
+            for ours, theirs in mlp.items():
+                rest = theirs + rest[len(ours):] if rest.startswith(ours) else rest
+            out[f"features.{2 * stage + 1}.{m.group(3)}.{rest}"] = value
+        else:
+            out[f"features.{2 * stage}.{rest}"] = value
+    # torchvision saves each block's relative position index: take it from the class itself.
+    reference = eval(code, {"torchvision": torchvision, "torch": torch, "functools": functools})
+    for key, value in reference.state_dict().items():
+        if key.endswith("relative_position_index"):
+            out[key] = value
+    return out, code, "model.head = torch.nn.Identity()  # the average of the final-norm tokens"
+
+
+def to_torchvision(model, sd: dict) -> tuple[dict, str, str]:
+    """``(state dict, constructor call, line after it)`` for torchvision's class of the same architecture:
+    ``VisionTransformer`` for a timm ViT with a class token, ``SwinTransformer`` for a timm Swin whose token maps
+    the window tiles. Raises :class:`ExportError` for what torchvision cannot hold exactly."""
+    kind = _timm_kind(model)
+    if kind == "vit":
+        return _torchvision_vit(model, sd)
+    if kind == "swin":
+        return _torchvision_swin(model, sd)
+    raise ExportError(f"--format torchvision: torchvision has no class for a {kind} backbone; use --format timm")
+
+
+def to_original(model, sd: dict) -> dict:
+    """The authors' layout, as their released files store it (``{"model": state dict}``): the original Swin
+    layout with its saved buffers (MoBY's and EsViT's Swin, which the MoBY authors' detection and segmentation
+    code loads), or DeiT's, which is timm's (MoBY's DeiT-S, DINO's ViTs)."""
+    if _timm_kind(model) == "swin":
+        out = timm_to_original_swin(sd)
+        for key, value in model.named_buffers():
+            if key.endswith(_SWIN_BUFFERS) and value is not None:
+                out[timm_to_original_swin({key: value}).popitem()[0]] = value.clone()
+        return {"model": out}
+    return {"model": dict(sd)}
