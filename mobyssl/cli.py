@@ -246,6 +246,11 @@ def _cmd_pretrain(args) -> int:
 
 def _describe_checkpoint(state: dict, path: str) -> str:
     """Which network a report is about: the file, its step and architecture."""
+    from .models.layouts import published_backbone
+
+    published = published_backbone(state)
+    if published is not None:
+        return f"checkpoint {path} ({published[1]})"
     cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
     backbone = cfg.get("model", {}).get("backbone")
     parts = [f"step {state['global_step']}" if "global_step" in state else "an exported backbone",

@@ -93,9 +93,6 @@ def is_tensor_dict(state: dict) -> bool:
 
 # --------------------------------------------------------------------------- exports to other code bases
 
-EXPORT_FORMATS = ("timm", "torchvision", "official")
-
-
 class ExportError(ValueError):
     """A backbone that a format's target class cannot hold exactly."""
 

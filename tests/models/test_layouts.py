@@ -158,4 +158,4 @@ def test_knn_command_evaluates_a_dino_checkpoint(tmp_path):
                            "dino_quickstart", "data.num_workers=0", "knn.k=[5]"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "knn_top1_k5" in proc.stdout
+    assert "knn_top1_k5" in proc.stdout and "DINO checkpoint (its teacher's backbone)" in proc.stdout + proc.stderr
