@@ -177,11 +177,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH")
     p.add_argument("--output", required=True, metavar="PATH", help="e.g. backbone.pth")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file (never a training checkpoint)")
-    p.add_argument("--format", default="timm", choices=["timm", "torchvision", "official"],
+    p.add_argument("--format", default="timm", choices=["timm", "torchvision", "openmmlab", "official"],
                    help="key layout: timm (default; timm.create_model(..., num_classes=0) loads it), torchvision "
-                        "(its VisionTransformer / SwinTransformer of the same shape), or official (the authors' "
-                        "layout in a {'model': ...} file: the original Swin layout that the MoBY authors' "
-                        "detection and segmentation code loads; DeiT's, i.e. timm's, for ViTs)")
+                        "(its VisionTransformer / SwinTransformer of the same shape), openmmlab (mmdet 3 / mmseg 1 "
+                        "SwinTransformer, mmseg 1 VisionTransformer: point the backbone's init_cfg=dict("
+                        "type='Pretrained', checkpoint=...) at the file), or official (the authors' layout in a "
+                        "{'model': ...} file: the original Swin layout that the MoBY authors' detection and "
+                        "segmentation code loads; DeiT's, i.e. timm's, for ViTs)")
 
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("backbones", help="list small-image presets and backbone aliases")
@@ -499,13 +501,18 @@ def _convert_export(fmt: str, model: dict, cfg: dict, sd: dict, checkpoint, outp
     """The backbone in ``fmt``'s layout and, where a Python class loads it, the lines that do."""
     from .errors import ConfigError
     from .models.backbones import create_backbone
-    from .models.layouts import ExportError, to_original, to_torchvision
+    from .models.layouts import ExportError, to_openmmlab, to_original, to_torchvision
     from .train.checkpoint import load_backbone_weights
 
     net = create_backbone(model["backbone"], img_size=cfg.get("data", {}).get("image_size"),
                           norm_before_mlp=model.get("norm_before_mlp", "ln"), **(model.get("kwargs") or {}))
     load_backbone_weights(net, sd, str(checkpoint))
     try:
+        if fmt == "openmmlab":
+            return to_openmmlab(net, net.state_dict()), (
+                "# OpenMMLab's layout in a {'state_dict': ...} file: in an mmdet 3 / mmseg 1 config, set the "
+                "backbone's\n# init_cfg=dict(type='Pretrained', checkpoint=<this file>) (Swin: convert_weights=False, "
+                "the default).")
         if fmt == "official":
             return to_original(net, net.state_dict()), (
                 "# The authors' layout in a {'model': state dict} file, as their released weights: give the file to "

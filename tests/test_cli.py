@@ -589,3 +589,15 @@ def test_export_torchvision_refuses_what_its_classes_cannot_hold(capsys, tmp_pat
     code, _, err = run(capsys, "export", "--checkpoint", str(ckpt), "--output", str(out), "--format", "torchvision")
     assert code != 0 and re.search(match, err), err
     assert "--format timm" in err and not out.exists()
+
+
+def test_export_openmmlab_writes_a_state_dict_file_and_says_how_to_load_it(capsys, tmp_path):
+    import torch
+
+    _, method, ckpt = _trained_checkpoint(tmp_path, "esvit_quickstart", SMALL_SWIN)
+    out = tmp_path / "mm.pth"
+    code, stdout, err = run(capsys, "export", "--checkpoint", str(ckpt), "--output", str(out), "--format", "openmmlab")
+    assert code == 0, err
+    saved = torch.load(out, weights_only=True)
+    assert list(saved) == ["state_dict"] and len(saved["state_dict"]) == len(method.backbone.state_dict())
+    assert "init_cfg=dict(type='Pretrained', checkpoint=" in stdout

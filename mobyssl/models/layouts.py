@@ -225,3 +225,61 @@ def to_original(model, sd: dict) -> dict:
                 out[timm_to_original_swin({key: value}).popitem()[0]] = value.clone()
         return {"model": out}
     return {"model": dict(sd)}
+
+
+def _unfold_order(channels_last: torch.Tensor) -> torch.Tensor:
+    """Reorder the last dimension of a patch-merging weight from the original Swin's concatenation of the four
+    2x2 neighbours (x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2], each C channels) to the order
+    ``nn.Unfold(2, stride=2)`` produces in OpenMMLab's PatchMerging (channel-major, then row, then column)."""
+    lead, width = channels_last.shape[:-1], channels_last.shape[-1]
+    # unfold position p = 2 * row + col holds the neighbour the original concatenates at [0, 2, 1, 3][p]
+    blocks = channels_last.reshape(*lead, 4, width // 4)[..., [0, 2, 1, 3], :]
+    return blocks.transpose(-1, -2).reshape(*lead, width)
+
+
+def to_openmmlab(model, sd: dict) -> dict:
+    """OpenMMLab's layouts in a ``{"state_dict": ...}`` file: mmdet 3 / mmseg 1 ``SwinTransformer`` (keys under
+    ``backbone.``, as both strip it; patch merging reordered for their ``nn.Unfold``; the final norm as the last
+    stage's output norm) or mmseg 1 ``VisionTransformer`` (its ``layers.*.ln1`` / ``attn.attn.in_proj_*`` keys, no
+    prefix: mmseg's ViT loads keys as they are)."""
+    kind = _timm_kind(model)
+    out = {}
+    if kind == "swin":
+        _require(all(isinstance(b.norm2, torch.nn.LayerNorm) for stage in model.layers for b in stage.blocks),
+                 "the MoBY-1 BatchNorm Swin has layers OpenMMLab's Swin lacks", "openmmlab")
+        last = len(model.layers) - 1
+        block = {".attn.": ".attn.w_msa.", ".mlp.fc1.": ".ffn.layers.0.0.", ".mlp.fc2.": ".ffn.layers.1."}
+        for key, value in timm_to_original_swin(sd).items():
+            if key.startswith("layers."):
+                key = "stages." + key[len("layers."):]
+                if ".downsample." in key:
+                    value = _unfold_order(value)
+                for ours, theirs in block.items():
+                    key = key.replace(ours, theirs)
+            elif key.startswith("patch_embed.proj."):
+                key = "patch_embed.projection." + key[len("patch_embed.proj."):]
+            elif key.startswith("norm."):
+                key = f"norm{last}." + key[len("norm."):]
+            out["backbone." + key] = value
+        return {"state_dict": out}
+    if kind == "vit":
+        _require(model.cls_token is not None and model.num_prefix_tokens == 1 and not model.no_embed_class,
+                 "mmseg's VisionTransformer needs exactly one class token and position embeddings on it", "openmmlab")
+        names = {"norm1.": "ln1.", "norm2.": "ln2.", "mlp.fc1.": "ffn.layers.0.0.", "mlp.fc2.": "ffn.layers.1.",
+                 "attn.qkv.": "attn.attn.in_proj_", "attn.proj.": "attn.attn.out_proj."}
+        for key, value in sd.items():
+            if key.startswith("blocks."):
+                index, rest = key[len("blocks."):].split(".", 1)
+                for ours, theirs in names.items():
+                    if rest.startswith(ours):
+                        rest = theirs + rest[len(ours):]
+                        break
+                key = f"layers.{index}.{rest}"
+            elif key.startswith("norm."):
+                key = "ln1." + key[len("norm."):]
+            elif key.startswith("patch_embed.proj."):
+                key = "patch_embed.projection." + key[len("patch_embed.proj."):]
+            out[key] = value
+        return {"state_dict": out}
+    raise ExportError(f"--format openmmlab: OpenMMLab's Swin and ViT classes cannot hold a {kind} backbone; use "
+                      "--format timm")

@@ -159,3 +159,40 @@ def test_knn_command_evaluates_a_dino_checkpoint(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "knn_top1_k5" in proc.stdout and "DINO checkpoint (its teacher's backbone)" in proc.stdout + proc.stderr
+
+
+def test_patch_merging_reordered_for_unfold_computes_the_same_function():
+    """OpenMMLab merges patches with nn.Unfold (channel-major order); the original Swin concatenates the four
+    neighbours. With the reordered norm and reduction weights both give the same output."""
+    from mobyssl.models.layouts import _unfold_order
+
+    torch.manual_seed(0)
+    b, h, w, c = 2, 4, 6, 3
+    x = torch.randn(b, h, w, c)
+    norm_w, norm_b, reduction = torch.randn(4 * c), torch.randn(4 * c), torch.randn(2 * c, 4 * c)
+    # Original Swin: cat(x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]) -> LayerNorm -> Linear.
+    merged = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+    original = torch.nn.functional.layer_norm(merged, (4 * c,), norm_w, norm_b) @ reduction.T
+    # OpenMMLab: Unfold(2, stride 2) over (B, C, H, W) -> (B, C * 4, L) -> tokens -> LayerNorm -> Linear.
+    unfolded = torch.nn.functional.unfold(x.permute(0, 3, 1, 2), kernel_size=2, stride=2).transpose(1, 2)
+    theirs = torch.nn.functional.layer_norm(unfolded, (4 * c,), _unfold_order(norm_w), _unfold_order(norm_b))
+    theirs = theirs @ _unfold_order(reduction).T
+    torch.testing.assert_close(theirs, original.reshape(b, -1, 2 * c))
+
+
+@pytest.mark.parametrize("recipe", ["esvit_quickstart", "quickstart"])
+def test_openmmlab_layout_names_every_tensor_once(recipe):
+    from mobyssl.models.layouts import to_openmmlab
+
+    _, net, _ = _pair(recipe)
+    sd = net.state_dict()
+    out = to_openmmlab(net, sd)["state_dict"]
+    assert len(out) == len(sd)
+    if recipe == "esvit_quickstart":  # mmdet keeps only backbone.* keys; the final norm is stage 3's output norm
+        assert all(k.startswith("backbone.") for k in out)
+        assert "backbone.stages.0.downsample.reduction.weight" in out and "backbone.norm3.weight" in out
+        assert "backbone.stages.0.blocks.0.attn.w_msa.qkv.weight" in out
+        assert "backbone.stages.0.blocks.0.ffn.layers.0.0.weight" in out
+    else:  # mmseg's ViT loads keys as they are
+        assert {"cls_token", "pos_embed", "patch_embed.projection.weight", "ln1.weight",
+                "layers.0.attn.attn.in_proj_weight", "layers.0.ffn.layers.1.bias", "layers.0.ln2.bias"} <= set(out)
