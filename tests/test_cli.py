@@ -555,16 +555,23 @@ def test_export_torchvision_loads_into_torchvisions_own_class_with_the_same_feat
     torch.testing.assert_close(theirs, mine, rtol=1e-5, atol=1e-5)  # their attention kernels round differently
 
 
+def _export_small_swin(capsys, tmp_path, fmt):
+    """Export SMALL_SWIN's backbone in ``fmt``: (method, what the file holds, stdout)."""
+    import torch
+
+    _, method, ckpt = _trained_checkpoint(tmp_path, "esvit_quickstart", SMALL_SWIN)
+    out = tmp_path / f"{fmt}.pth"
+    code, stdout, err = run(capsys, "export", "--checkpoint", str(ckpt), "--output", str(out), "--format", fmt)
+    assert code == 0, err
+    return method, torch.load(out, weights_only=True), stdout
+
+
 def test_export_official_swin_is_the_original_layout_with_its_buffers(capsys, tmp_path):
     import torch
 
     from mobyssl.models.layouts import original_swin_to_timm
 
-    _, method, ckpt = _trained_checkpoint(tmp_path, "esvit_quickstart", SMALL_SWIN)
-    out = tmp_path / "swin_official.pth"
-    code, stdout, err = run(capsys, "export", "--checkpoint", str(ckpt), "--output", str(out), "--format", "official")
-    assert code == 0, err
-    saved = torch.load(out, weights_only=True)
+    method, saved, _ = _export_small_swin(capsys, tmp_path, "official")
     assert list(saved) == ["model"]
     original = saved["model"]
     assert "layers.0.downsample.reduction.weight" in original  # patch merging at the end of stage 0
@@ -592,12 +599,6 @@ def test_export_torchvision_refuses_what_its_classes_cannot_hold(capsys, tmp_pat
 
 
 def test_export_openmmlab_writes_a_state_dict_file_and_says_how_to_load_it(capsys, tmp_path):
-    import torch
-
-    _, method, ckpt = _trained_checkpoint(tmp_path, "esvit_quickstart", SMALL_SWIN)
-    out = tmp_path / "mm.pth"
-    code, stdout, err = run(capsys, "export", "--checkpoint", str(ckpt), "--output", str(out), "--format", "openmmlab")
-    assert code == 0, err
-    saved = torch.load(out, weights_only=True)
+    method, saved, stdout = _export_small_swin(capsys, tmp_path, "openmmlab")
     assert list(saved) == ["state_dict"] and len(saved["state_dict"]) == len(method.backbone.state_dict())
     assert "init_cfg=dict(type='Pretrained', checkpoint=" in stdout
