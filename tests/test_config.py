@@ -170,7 +170,7 @@ def test_every_full_recipe_carries_the_finetuning_recipe_of_its_backbone_and_ima
 @pytest.mark.parametrize("name", [n for n in SHIPPED if "quickstart" in n])
 def test_quickstarts_fine_tune_30_epochs_of_128_with_maes_values(name):
     f = load_config(name).finetune
-    assert (f.epochs, f.warmup_epochs, f.batch_size) == (30, 1.5, 128)
+    assert (f.epochs, f.warmup_epochs, f.batch_size) == (30, 5, 128)
     assert (f.lr, f.lr_ref_batch, f.weight_decay, f.layer_decay, f.random_erasing) == pytest.approx(
         (5e-4, 256, 0.05, 0.75, 0.25))
 

@@ -159,11 +159,11 @@ def test_the_quickstart_recipe_fine_tunes_on_its_sample_as_it_is(capsys):
 
 
 def test_cli_dry_run_names_the_default_output_folder(capsys, tmp_path):
-    code = main(["finetune", "--config", "quickstart", "--random-init", "--dry-run", "finetune.epochs=1",
+    code = main(["finetune", "--config", "quickstart", "--random-init", "--dry-run", "finetune.epochs=3",
                  "finetune.batch_size=64"])
     out, err = capsys.readouterr()
-    assert code == 0 and "runs/finetune_random_init" in out and "15 steps/epoch x 1 epochs" in out
-    assert "finetune.warmup_epochs=1.5 is longer than finetune.epochs=1: shortened to 0.05" in err
+    assert code == 0 and "runs/finetune_random_init" in out and "15 steps/epoch x 3 epochs" in out
+    assert "finetune.warmup_epochs=5 is longer than finetune.epochs=3: shortened to 0.5" in err
 
 
 def test_a_new_run_that_fails_before_its_first_step_leaves_no_folder(tiny_cfg, tmp_path, monkeypatch):
