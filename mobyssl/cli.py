@@ -471,15 +471,17 @@ def _cmd_export(args) -> int:
     cfg = state.get("config") or {}
     model = cfg.get("model", {})
     call = None
+    # How the stored config builds the backbone (create_backbone's arguments), for timm's call and for conversions.
+    arch = {"img_size": cfg.get("data", {}).get("image_size"), "norm_before_mlp": model.get("norm_before_mlp", "ln"),
+            **(model.get("kwargs") or {})}
     if model.get("backbone"):
-        call = timm_call(model["backbone"], img_size=cfg.get("data", {}).get("image_size"),
-                         norm_before_mlp=model.get("norm_before_mlp", "ln"), **(model.get("kwargs") or {}))
+        call = timm_call(model["backbone"], **arch)
     elif args.format != "timm":
         raise CheckpointError(f"{args.checkpoint} stores no config, so its architecture is unknown and --format "
                               f"{args.format} cannot be written; use --format timm")
     written, load = sd, None
     if args.format != "timm":
-        written, load = _convert_export(args.format, model, cfg, sd, args.checkpoint, output)
+        written, load = _convert_export(args.format, model["backbone"], arch, sd, args.checkpoint, output)
     save_export(written, output, source_checkpoint=args.checkpoint, overwrite=args.overwrite)
     print(f"wrote {len(sd)} backbone tensors to {output} ({args.format} layout; backbone {model.get('backbone', '?')})")
     if call is None:
@@ -497,15 +499,15 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _convert_export(fmt: str, model: dict, cfg: dict, sd: dict, checkpoint, output) -> tuple[dict, str | None]:
-    """The backbone in ``fmt``'s layout and, where a Python class loads it, the lines that do."""
+def _convert_export(fmt: str, backbone: str, arch: dict, sd: dict, checkpoint, output) -> tuple[dict, str | None]:
+    """The backbone (``create_backbone(backbone, **arch)`` holding ``sd``) in ``fmt``'s layout and, where a Python
+    class loads it, the lines that do."""
     from .errors import ConfigError
     from .models.backbones import create_backbone
     from .models.layouts import ExportError, to_openmmlab, to_original, to_torchvision
     from .train.checkpoint import load_backbone_weights
 
-    net = create_backbone(model["backbone"], img_size=cfg.get("data", {}).get("image_size"),
-                          norm_before_mlp=model.get("norm_before_mlp", "ln"), **(model.get("kwargs") or {}))
+    net = create_backbone(backbone, **arch)
     load_backbone_weights(net, sd, str(checkpoint))
     try:
         if fmt == "openmmlab":

@@ -73,16 +73,16 @@ def to_timm_backbone(sd: dict) -> dict:
 def published_backbone(state: dict) -> tuple[dict, str] | None:
     """``(backbone state dict in timm's layout, what it is)`` for a DINO, EsViT or MoBY checkpoint as their
     authors' code writes it; None for anything else."""
-    teacher = state.get("teacher")
-    if isinstance(teacher, dict) and isinstance(state.get("student"), dict):
-        sd = strip_prefix(_without_module(teacher), "backbone.")
+    if isinstance(state.get("teacher"), dict) and isinstance(state.get("student"), dict):
+        teacher = _without_module(state["teacher"])
+        sd = strip_prefix(teacher, "backbone.")
         if sd:
-            what = "EsViT" if any(k.startswith("head_dense.") for k in _without_module(teacher)) else "DINO"
+            what = "EsViT" if any(k.startswith("head_dense.") for k in teacher) else "DINO"
             return to_timm_backbone(sd), f"{what} checkpoint (its teacher's backbone)"
-    model = state.get("model")
-    if isinstance(model, dict):
-        sd = strip_prefix(_without_module(model), "encoder.")
-        if sd and any(k.startswith("encoder_k.") for k in _without_module(model)):
+    if isinstance(state.get("model"), dict):
+        model = _without_module(state["model"])
+        sd = strip_prefix(model, "encoder.")
+        if sd and any(k.startswith("encoder_k.") for k in model):
             return to_timm_backbone(sd), "MoBY (Transformer-SSL) checkpoint (its online encoder)"
     return None
 
@@ -100,6 +100,11 @@ class ExportError(ValueError):
 def _require(ok: bool, what: str, fmt: str) -> None:
     if not ok:
         raise ExportError(f"--format {fmt}: {what}; use --format timm (timm builds every mobyssl backbone)")
+
+
+def _require_layernorm_swin(model, fmt: str, target: str) -> None:
+    _require(all(isinstance(b.norm2, torch.nn.LayerNorm) for stage in model.layers for b in stage.blocks),
+             f"the MoBY-1 BatchNorm Swin has layers {target} lacks", fmt)
 
 
 def _timm_kind(model) -> str:
@@ -172,8 +177,7 @@ def _torchvision_swin(model, sd: dict) -> tuple[dict, str, str]:
                  all(tuple(b.window_size) == tuple(window) for b in layer.blocks),
                  f"stage {stage}'s {res[0]}x{res[1]} token map is not a multiple of the {window[0]}x{window[1]} "
                  "window (torchvision pads such maps where timm shrinks the window)", fmt)
-    _require(all(isinstance(b.norm2, torch.nn.LayerNorm) for stage in model.layers for b in stage.blocks),
-             "the MoBY-1 BatchNorm Swin has layers torchvision's Swin lacks", fmt)
+    _require_layernorm_swin(model, fmt, "torchvision's Swin")
     eps = model.norm.eps
     norm = "" if abs(eps - 1e-5) < 1e-12 else f", norm_layer=functools.partial(torch.nn.LayerNorm, eps={eps!r})"
     code = (f"torchvision.models.SwinTransformer(patch_size={shape['patch_size']}, embed_dim={shape['embed_dim']}, "
@@ -219,11 +223,8 @@ def to_original(model, sd: dict) -> dict:
     layout with its saved buffers (MoBY's and EsViT's Swin, which the MoBY authors' detection and segmentation
     code loads), or DeiT's, which is timm's (MoBY's DeiT-S, DINO's ViTs)."""
     if _timm_kind(model) == "swin":
-        out = timm_to_original_swin(sd)
-        for key, value in model.named_buffers():
-            if key.endswith(_SWIN_BUFFERS) and value is not None:
-                out[timm_to_original_swin({key: value}).popitem()[0]] = value.clone()
-        return {"model": out}
+        buffers = {k: v.clone() for k, v in model.named_buffers() if k.endswith(_SWIN_BUFFERS) and v is not None}
+        return {"model": timm_to_original_swin({**sd, **buffers})}
     return {"model": dict(sd)}
 
 
@@ -245,8 +246,7 @@ def to_openmmlab(model, sd: dict) -> dict:
     kind = _timm_kind(model)
     out = {}
     if kind == "swin":
-        _require(all(isinstance(b.norm2, torch.nn.LayerNorm) for stage in model.layers for b in stage.blocks),
-                 "the MoBY-1 BatchNorm Swin has layers OpenMMLab's Swin lacks", "openmmlab")
+        _require_layernorm_swin(model, "openmmlab", "OpenMMLab's Swin")
         last = len(model.layers) - 1
         block = {".attn.": ".attn.w_msa.", ".mlp.fc1.": ".ffn.layers.0.0.", ".mlp.fc2.": ".ffn.layers.1."}
         for key, value in timm_to_original_swin(sd).items():
