@@ -587,6 +587,8 @@ def test_export_official_swin_is_the_original_layout_with_its_buffers(capsys, tm
                                                       r"multiple of the 4x4 window"),
     (["model.kwargs={no_embed_class: true}"], r"--format torchvision: torchvision's VisionTransformer needs exactly "
                                               r"one class token"),
+    ([*SMALL_SWIN, "model.norm_before_mlp=bn"], r"--format torchvision: the MoBY-1 BatchNorm Swin has layers "
+                                                r"torchvision's Swin lacks"),
 ])
 def test_export_torchvision_refuses_what_its_classes_cannot_hold(capsys, tmp_path, overrides, match):
     import re
