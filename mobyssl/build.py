@@ -7,9 +7,14 @@ from torch.utils.data import DataLoader
 
 from .config import Config
 from .data import DataError, eval_transform, open_dataset
+from .data.datasets import check_labelled_splits
+from .data.sampler import GlobalBatchSampler
+from .data.shards import ShardStreamSampler, TarShards, open_stream_shards
 from .data.training import TrainingDataset
 from .methods import Method, get_method
 from .models import create_backbone
+
+STREAM_SEED_STRIDE = 1_000_000_007  # process r's shards draw augmentations from seed + r * this
 
 
 def backbone_fn(cfg: Config):
@@ -32,10 +37,28 @@ def build_method(cfg: Config) -> Method:
     return get_method(cfg.method.name).from_config(cfg, backbone_fn(cfg))
 
 
-def build_train_dataset(cfg: Config) -> TrainingDataset:
-    """``data.train`` with the method's augmentation, indexed by ``(epoch, index)`` keys."""
+def build_train_dataset(cfg: Config, rank: int = 0, world: int = 1) -> TrainingDataset:
+    """``data.train`` with the method's augmentation, indexed by ``(epoch, index)`` keys. WebDataset shards are
+    this process's own shards (``rank`` of ``world``), whose samples get their own augmentation seeds."""
     transform = get_method(cfg.method.name).train_transform(cfg)
+    shards = open_stream_shards(cfg.data.train, rank, world)
+    if shards is not None:
+        return TrainingDataset(shards, transform, seed=cfg.train.seed + STREAM_SEED_STRIDE * rank)
     return TrainingDataset(open_dataset(cfg.data.train, key="data.train"), transform, seed=cfg.train.seed)
+
+
+def build_train_sampler(cfg: Config, dataset: TrainingDataset, batch_per_rank: int):
+    """The pre-training order of ``dataset`` (from ``build_train_dataset``) on this process: a stream of its own
+    shards, or this process's part of each global batch of a seeded permutation. Every process calls it."""
+    from . import distributed as D
+
+    images = dataset.dataset
+    if isinstance(images, TarShards):
+        steps = min(D.gather_objects(len(images) // batch_per_rank))  # the same number of steps on every process
+        return ShardStreamSampler(images.shard_sizes, batch_per_rank, steps, seed=cfg.train.seed, rank=D.rank(),
+                                  buffer=cfg.data.shuffle_buffer)
+    return GlobalBatchSampler(len(dataset), batch_per_rank, seed=cfg.train.seed, rank=D.rank(),
+                              world_size=D.world_size(), yield_epoch=True)
 
 
 def build_eval_datasets(cfg: Config, train_transform=None):
@@ -47,17 +70,7 @@ def build_eval_datasets(cfg: Config, train_transform=None):
     train_key = "data.eval_train" if cfg.data.eval_train else "data.train"
     train = open_dataset(cfg.data.eval_train or cfg.data.train, train_transform or tf, key=train_key)
     test = open_dataset(cfg.data.test, tf, key="data.test")
-    for key, ds in ((train_key, train), ("data.test", test)):
-        if not ds.has_labels:
-            raise DataError(
-                f"{key}={ds.source} has no class folders, so it cannot be used for evaluation. Point "
-                f"{key} at an ImageFolder tree (<root>/<class>/<image>)"
-                + (" or set data.eval_train to a labeled split" if key == "data.train" else "") + "."
-            )
-    if train.classes != test.classes:
-        raise DataError(f"{train_key} and data.test have different classes ({len(train.classes)} vs "
-                        f"{len(test.classes)}: {train.classes[:5]} vs {test.classes[:5]}); point both at splits of "
-                        "the same dataset, with the same class folders.")
+    check_labelled_splits(train, train_key, test, "evaluation")
     return train, test
 
 

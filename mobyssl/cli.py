@@ -177,10 +177,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PATH")
     p.add_argument("--output", required=True, metavar="PATH", help="e.g. backbone.pth")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file (never a training checkpoint)")
-    p.add_argument("--format", default="timm", choices=["timm", "torchvision", "openmmlab", "official"],
+    p.add_argument("--format", default="timm", choices=["timm", "torchvision", "openmmlab", "mmdet", "mmseg",
+                                                        "official"],
                    help="key layout: timm (default; timm.create_model(..., num_classes=0) loads it), torchvision "
                         "(its VisionTransformer / SwinTransformer of the same shape), openmmlab (mmdet 3 / mmseg 1 "
-                        "SwinTransformer, mmseg 1 VisionTransformer: point the backbone's init_cfg=dict("
+                        "SwinTransformer, mmseg 1 VisionTransformer; mmdet and mmseg are other names for it: point the backbone's "
+                        "init_cfg=dict("
                         "type='Pretrained', checkpoint=...) at the file), or official (the authors' layout in a "
                         "{'model': ...} file: the original Swin layout that the MoBY authors' detection and "
                         "segmentation code loads; DeiT's, i.e. timm's, for ViTs)")
@@ -458,8 +460,13 @@ def _cmd_visualize(args) -> int:
     return 0
 
 
+OPENMMLAB_NAMES = {"mmdet": "openmmlab", "mmseg": "openmmlab"}  # one layout serves both
+
+
 def _cmd_export(args) -> int:
     from .errors import CheckpointError
+
+    args.format = OPENMMLAB_NAMES.get(args.format, args.format)
     from .models.backbones import timm_call
     from .train.checkpoint import backbone_state_dict, check_export_target, check_finite, load_checkpoint, save_export
 

@@ -169,15 +169,19 @@ class DataConfig(Section):
     train: Text = opt(
         "bundled:cifar10-sample-train",
         "Pre-training images: an ImageFolder directory, a flat folder of unlabeled images, a .zip of "
-        "either, or bundled:<name> (bundled:cifar10-sample-train, bundled:cifar10-sample-test).")
+        "either, WebDataset .tar shards (a file, a brace pattern such as /data/train-{0000..0127}.tar, or a folder "
+        "of .tar files; read as a stream, each process its own shards), or bundled:<name> "
+        "(bundled:cifar10-sample-train, bundled:cifar10-sample-test).")
     test: Optional[Text] = opt(
         BUNDLED_TEST,
-        "Labeled split for evaluation (k-NN queries, linear-probe test set). null disables evaluation. While it "
+        "Labeled split for evaluation (k-NN queries, linear-probe test set): a folder, .zip or labelled .tar "
+        "shards, like data.train. null disables evaluation. While it "
         "is the bundled sample, pre-training on data without its classes runs without k-NN (with a notice).",
         on_resume=SAFE)
     eval_train: Optional[Text] = opt(
         None,
-        "Labeled split used as the k-NN memory bank and linear-probe training set. "
+        "Labeled split used as the k-NN memory bank and linear-probe training set (a folder, .zip or labelled .tar "
+        "shards). "
         "null: use data.train (which must then have class folders).", on_resume=SAFE)
     image_size: Int = opt(224, "Square crop size fed to the backbone, in pixels.", on_resume=ARCHITECTURE,
                           ge=8, le=8192)
@@ -196,6 +200,11 @@ class DataConfig(Section):
         "training device (any dataset size). gpu_resident: the dataset is decoded once into uint8 tensors "
         "on the device at data.image_size, then augmented there (datasets that fit in device memory, e.g. "
         "CIFAR-10: 150 MiB). The gpu_* pipelines run on a CPU device too.")
+    shuffle_buffer: Int = opt(
+        1000,
+        "WebDataset shards in pre-training: samples are shuffled within a window of this many as each process "
+        "streams its shards (the shards' order is shuffled every epoch too). Larger mixes better and costs no "
+        "memory for images (the window holds indices); 1: shard order only.", ge=1, le=100_000_000)
     max_bad_fraction: Probability = opt(
         0.01, "Unreadable images are skipped and listed; stop if more than this fraction of a split fails.",
         on_resume=SAFE)

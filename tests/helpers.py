@@ -1,15 +1,20 @@
 """Helpers shared by several test modules (importable because pytest puts tests/ on sys.path)."""
 
 import contextlib
+import io
 import json
 import signal
 import socket
+import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from mobyssl.data.datasets import bundled_path
 
 
 def free_port() -> int:
@@ -158,3 +163,36 @@ def check_golden_dict(actual: dict, expected: dict, what: str, loose: dict[str, 
     for k in expected:
         tol = max([t for pattern, t in (loose or {}).items() if re.search(pattern, k)], default=GOLDEN_TOL)
         check_golden(actual[k], expected[k], f"{what}[{k}]", tol)
+
+
+def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def bundled_images(n: int) -> list[tuple[str, bytes, int]]:
+    """The first ``n`` images of the bundled sample: (key, JPEG bytes, class index)."""
+    with zipfile.ZipFile(bundled_path("cifar10-sample-train")) as z:
+        names = sorted(x for x in z.namelist() if x.endswith(".jpg"))
+        classes = sorted({x.split("/")[-2] for x in names})
+        step = max(1, len(names) // n)  # every class appears
+        return [(x.split("/")[-2] + "_" + Path(x).stem, z.read(x), classes.index(x.split("/")[-2]))
+                for x in names[::step][:n]]
+
+
+def write_shards(folder: Path, counts: list[int], labels: bool = True, prefix: str = "train") -> list[Path]:
+    """Shards ``<prefix>-0000.tar``, ... holding ``counts[s]`` bundled images each, WebDataset style."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = iter(bundled_images(sum(counts)))
+    paths = []
+    for s, n in enumerate(counts):
+        path = folder / f"{prefix}-{s:04d}.tar"
+        with tarfile.open(path, "w") as tf:
+            for _ in range(n):
+                key, data, label = next(images)
+                add_member(tf, f"{key}.jpg", data)
+                if labels:
+                    add_member(tf, f"{key}.cls", str(label).encode())
+        paths.append(path)
+    return paths

@@ -604,3 +604,20 @@ def test_export_openmmlab_writes_a_state_dict_file_and_says_how_to_load_it(capsy
     method, saved, stdout = _export_small_swin(capsys, tmp_path, "openmmlab")
     assert list(saved) == ["state_dict"] and len(saved["state_dict"]) == len(method.backbone.state_dict())
     assert "init_cfg=dict(type='Pretrained', checkpoint=" in stdout
+
+
+def test_export_mmdet_and_mmseg_are_names_of_the_openmmlab_layout(capsys, tmp_path):
+    import json
+
+    import torch
+
+    _, method, ckpt = _trained_checkpoint(tmp_path, "esvit_quickstart", SMALL_SWIN)
+    files = {}
+    for fmt in ("openmmlab", "mmdet", "mmseg"):
+        out = tmp_path / f"{fmt}.pth"
+        code, _, err = run(capsys, "export", "--checkpoint", str(ckpt), "--output", str(out), "--format", fmt)
+        assert code == 0, err
+        files[fmt] = torch.load(out, weights_only=True)["state_dict"]
+        assert json.loads(out.with_suffix(".json").read_text())["format"] == "openmmlab"
+    assert files["mmdet"].keys() == files["mmseg"].keys() == files["openmmlab"].keys()
+    assert all(torch.equal(files["mmdet"][k], files["openmmlab"][k]) for k in files["openmmlab"])

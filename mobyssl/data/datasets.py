@@ -1,4 +1,5 @@
-"""Image sources: ImageFolder trees, flat folders of unlabeled images, zips of either, bundled samples.
+"""Image sources: ImageFolder trees, flat folders of unlabeled images, zips of either, bundled samples (and,
+through ``shards``, WebDataset tar shards).
 
 Every dataset yields ``(transform(image), label)`` with ``label = -1`` for unlabeled images.
 
@@ -216,6 +217,12 @@ class _ImageList(Dataset):
         self.key: Optional[str] = None
         self.unreadable: set[str] = set()
 
+    named_classes = True
+    """Whether ``classes`` are names (class folders); shards name their classes by index."""
+
+    def summary(self) -> str:
+        return f"{len(self)} images"
+
     @property
     def has_labels(self) -> bool:
         return bool(self.classes) and all(label >= 0 for label in self.labels)
@@ -366,6 +373,27 @@ class ZipDataset(_ImageList):
         return state
 
 
+def check_labelled_splits(train: _ImageList, train_key: str, test: _ImageList, purpose: str) -> None:
+    """Both splits carry labels of the same classes, or a ``DataError`` says which key to fix.
+
+    ``purpose`` completes "... so it cannot be used for <purpose>". Classes are compared by name, or by count
+    where a split names them by index (WebDataset shards).
+    """
+    for key, ds in ((train_key, train), ("data.test", test)):
+        if not ds.has_labels:
+            raise DataError(
+                f"{key}={ds.source} has no class folders (or .cls labels, for shards), so it cannot be used for "
+                f"{purpose}. Point {key} at an ImageFolder tree (<root>/<class>/<image>) or labelled shards"
+                + (" or set data.eval_train to a labelled split" if key == "data.train" else "") + "."
+            )
+    same = (train.classes == test.classes if train.named_classes and test.named_classes
+            else len(train.classes) == len(test.classes))
+    if not same:
+        raise DataError(f"{train_key} and data.test have different classes ({len(train.classes)} vs "
+                        f"{len(test.classes)}: {train.classes[:5]} vs {test.classes[:5]}); point both at splits of "
+                        "the same dataset, with the same class folders.")
+
+
 def bundled_path(name: str) -> Path:
     if name not in BUNDLED:
         raise DataError(f"unknown bundled dataset 'bundled:{name}'; available: "
@@ -386,8 +414,8 @@ def _is_single_image(path: Path) -> bool:
 
 
 def _expected(key: str) -> str:
-    return (f"set {key} to a folder of images (an ImageFolder tree <root>/<class>/<image>, or a flat folder) "
-            "or a .zip of one")
+    return (f"set {key} to a folder of images (an ImageFolder tree <root>/<class>/<image>, or a flat folder), "
+            "a .zip of one, or WebDataset .tar shards")
 
 
 def open_dataset(spec: str, transform: Optional[Callable] = None, key: str = "data.train") -> _ImageList:
@@ -398,6 +426,17 @@ def open_dataset(spec: str, transform: Optional[Callable] = None, key: str = "da
         ds = ZipDataset(bundled_path(spec[len("bundled:"):]), transform)
         ds.key = key
         return ds
+    from .shards import TarShards, shard_paths  # shards builds on this module
+
+    try:
+        shards = shard_paths(spec, key)
+        if shards is not None:
+            ds = TarShards(shards, transform, source=spec)
+            ds.key = key
+            return ds
+    except DataError as e:
+        msg = str(e)
+        raise DataError(msg if msg.startswith(f"{key}=") else f"{key}={spec}: {msg}") from None
     path = Path(spec).expanduser()
     try:
         st = path.stat()
@@ -439,7 +478,7 @@ def open_dataset(spec: str, transform: Optional[Callable] = None, key: str = "da
                                 f"{key} at the folder that holds it ({path.parent}).") from None
             else:
                 hint = ("; extract other archives first" if path.name.lower().endswith(
-                    (".tar", ".tar.gz", ".tgz", ".gz", ".7z", ".rar", ".tar.xz", ".bz2")) else "")
+                    (".gz", ".7z", ".rar", ".xz", ".bz2", ".zst")) else "")
                 raise DataError(f"{key}={spec} is a file ({_mib(st.st_size)}) that is neither a folder nor a zip "
                                 f"file of images; {_expected(key)}{hint}.") from None
         else:

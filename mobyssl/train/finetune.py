@@ -24,6 +24,7 @@ from .. import build
 from .. import distributed as D
 from ..config import Config, to_dict
 from ..data import DataError, eval_transform, open_dataset
+from ..data.datasets import check_labelled_splits
 from ..data.sampler import GlobalBatchSampler
 from ..data.training import TrainingDataset, sample_seed
 from ..data.transforms import NORMALIZATION
@@ -172,14 +173,7 @@ def finetune(cfg: Config, backbone: nn.Module, output_dir: str | Path, device: t
     labelled = open_dataset(cfg.data.eval_train or cfg.data.train, key=train_key)
     test = open_dataset(cfg.data.test, eval_transform(cfg.data.image_size, cfg.data.eval_crop_ratio,
                                                       cfg.data.normalization), key="data.test")
-    for key, ds in ((train_key, labelled), ("data.test", test)):
-        if not ds.has_labels:
-            raise DataError(f"{key}={ds.source} has no class folders: fine-tuning needs labels. Point {key} at an "
-                            "ImageFolder tree (<root>/<class>/<image>)"
-                            + (" or set data.eval_train to a labelled split" if key == "data.train" else "") + ".")
-    if labelled.classes != test.classes:
-        raise DataError(f"{train_key} and data.test have different classes ({len(labelled.classes)} vs "
-                        f"{len(test.classes)}); point both at splits of the same dataset.")
+    check_labelled_splits(labelled, train_key, test, "fine-tuning")
     if len(labelled) < fc.batch_size:
         raise DataError(f"{train_key}={labelled.source} has {len(labelled)} images, fewer than one batch "
                         f"(finetune.batch_size={fc.batch_size}); lower finetune.batch_size.")

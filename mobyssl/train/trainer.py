@@ -27,7 +27,6 @@ from .. import build
 from .. import distributed as D
 from ..config import BUNDLED_TEST, Config, to_dict, to_yaml, validate
 from ..data import DataError
-from ..data.sampler import GlobalBatchSampler
 from ..errors import CheckpointError, ConfigError, MobysslError
 from ..eval.runner import run_knn
 from ..methods import Method
@@ -220,10 +219,14 @@ def pretrain(cfg: Config, resume: bool | str | ResumePoint = False, log=print, a
         raise ConfigError(f"train.batch_size={batch} over {world} process(es) and train.accum_steps={accum} gives "
                          f"micro-batches of {batch / world / accum:g} images; they must be whole and at least 2 "
                          "(BatchNorm in the heads). Raise train.batch_size or lower train.accum_steps.")
-    dataset = build.build_train_dataset(cfg)
-    if len(dataset) < batch:
-        raise DataError(f"data.train={cfg.data.train} has {len(dataset)} images, fewer than one batch "
-                        f"(train.batch_size={batch}); lower train.batch_size.")
+    dataset = build.build_train_dataset(cfg, D.rank(), world)
+    sampler = build.build_train_sampler(cfg, dataset, batch // world)
+    if sampler.steps_per_epoch == 0:
+        what = (f"has {len(dataset)} images" if world == 1 else
+                f"gives a process too few images ({dataset.dataset.summary()})")
+        raise DataError(f"data.train={cfg.data.train} {what}, fewer than one batch "
+                        f"(train.batch_size={batch}{f' over {world} processes' if world > 1 else ''}); lower "
+                        "train.batch_size.")
     eval_sets = _eval_sets_for_knn(cfg, log) if cfg.train.knn_every >= 0 and cfg.data.test else None
     method = build.build_method(cfg)
     method.check_setup(batch)
@@ -236,14 +239,14 @@ def pretrain(cfg: Config, resume: bool | str | ResumePoint = False, log=print, a
             init_backbone(method, cfg.model.init, log)
     if dry_run:
         return {"global_step": point.state.get("global_step", 0) if point else 0,
-                "steps_per_epoch": len(dataset) // batch}
+                "steps_per_epoch": sampler.steps_per_epoch}
     # One run per output_dir: rank 0 holds the lock; a new run re-checks the folder under it (another run may have
     # started meanwhile). Every rank stops if rank 0 cannot.
     lock = RunLock(out, fresh=point is None or point.path.resolve().parent != out.resolve())
     D.on_main_then_agree(lambda: acquire_writable(lock))
     status = {"steps": 0}
     try:
-        return _train(cfg, out, device, amp_dtype, dataset, eval_sets, method, point, log, status)
+        return _train(cfg, out, device, amp_dtype, dataset, sampler, eval_sets, method, point, log, status)
     except BaseException:
         if status["steps"] == 0:
             lock.undo_new_run()  # a new run that failed before its first step leaves the folder as it found it
@@ -281,7 +284,7 @@ def _resume_point(cfg: Config, out: Path, resume, accept_changes: bool, log) -> 
     return point
 
 
-def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method, point: ResumePoint | None,
+def _train(cfg: Config, out: Path, device, amp_dtype, dataset, sampler, eval_sets, method, point: ResumePoint | None,
            log, status: dict) -> dict:
     main = D.is_main_process()
     world = D.world_size()
@@ -290,8 +293,6 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
     if world > 1:
         method = convert_sync_batchnorm(method, device)
     method.to(device)
-    sampler = GlobalBatchSampler(len(dataset), batch // world, seed=cfg.train.seed, rank=D.rank(),
-                                 world_size=world, yield_epoch=True)
     steps_per_epoch = sampler.steps_per_epoch
     if cfg.data.pipeline != "cpu":
         loader = build.device_loader(cfg, dataset.dataset, sampler, batch // world, device)
@@ -326,7 +327,7 @@ def _train(cfg: Config, out: Path, device, amp_dtype, dataset, eval_sets, method
         _write_config(out, cfg, point, global_step)
         logger = MetricsLogger(out)
     n_params = sum(p.numel() for p in method.backbone.parameters()) / 1e6
-    log(f"{cfg.method.name} | backbone {cfg.model.backbone} ({n_params:.1f}M) | {len(dataset)} images | "
+    log(f"{cfg.method.name} | backbone {cfg.model.backbone} ({n_params:.1f}M) | {dataset.dataset.summary()} | "
         f"batch {batch}" + (f" ({world} x {batch // world})" if world > 1 else "")
         + f" | {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs | device {device} | "
         f"amp {amp_dtype or 'off'} | output {out}")

@@ -329,12 +329,17 @@ def test_single_image_and_other_files_are_explained(tmp_path):
     noext.write_bytes(_encode(Image.new("RGB", (4, 4))))
     with pytest.raises(DataError, match="single image"):
         open_dataset(str(noext))
-    tar = tmp_path / "set.tar"
-    tar.write_bytes(b"x" * 600)
+    archive = tmp_path / "set.7z"
+    archive.write_bytes(b"x" * 600)
     with pytest.raises(DataError) as e:
-        open_dataset(str(tar), key="data.eval_train")
-    assert f"data.eval_train={tar} is a file (600 bytes)" in str(e.value)
+        open_dataset(str(archive), key="data.eval_train")
+    assert f"data.eval_train={archive} is a file (600 bytes)" in str(e.value)
     assert "extract other archives first" in str(e.value) and "ImageFolder" in str(e.value)
+    assert "WebDataset .tar shards" in str(e.value)
+    tar = tmp_path / "set.tar"  # a .tar is taken for a WebDataset shard
+    tar.write_bytes(b"x" * 600)
+    with pytest.raises(DataError, match=rf"data.eval_train={tar}: shard .* cannot be read as a tar file"):
+        open_dataset(str(tar), key="data.eval_train")
 
 
 def test_broken_symlink_is_explained(tmp_path):

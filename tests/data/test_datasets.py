@@ -283,7 +283,7 @@ def test_folder_without_images(tmp_path):
 
 
 def test_file_that_is_neither_folder_nor_zip(tmp_path):
-    f = tmp_path / "images.tar"
+    f = tmp_path / "images.bin"
     f.write_bytes(b"not an archive" * 10)
     with pytest.raises(DataError, match="neither a folder nor a zip"):
         open_dataset(str(f))

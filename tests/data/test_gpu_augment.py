@@ -169,12 +169,17 @@ def test_runs_on_cuda():
     assert views[0].device.type == "cuda" and torch.isfinite(views[1]).all()
 
 
-@pytest.mark.parametrize("pipeline", ["gpu_resident", "gpu_decode"])
-def test_pretrain_with_a_device_pipeline_runs_and_resumes_exactly(tiny_cfg, pipeline):
+@pytest.mark.parametrize("pipeline,shards", [("gpu_resident", False), ("gpu_decode", False), ("gpu_decode", True)])
+def test_pretrain_with_a_device_pipeline_runs_and_resumes_exactly(tiny_cfg, tmp_path, pipeline, shards):
+    from helpers import write_shards
+
     from mobyssl.train.checkpoint import load_checkpoint
     from mobyssl.train.trainer import pretrain
 
     common = [f"data.pipeline={pipeline}", "train.knn_every=-1", "train.log_every=1", "data.num_workers=1"]
+    if shards:  # WebDataset shards, streamed
+        write_shards(tmp_path / "shards", [40, 50])
+        common.append(f"data.train={tmp_path / 'shards'}")
     ref = tiny_cfg(*common, "train.max_steps=4", "output_dir=" + str(tiny_cfg().output_dir) + "_ref")
     pretrain(ref)
     pretrain(tiny_cfg(*common, "train.max_steps=2"))

@@ -91,3 +91,17 @@ def test_distributed_fewshot_correspondence_and_finetune(tmp_path, tiny_override
     assert "epoch 1/1: top-1" in out and "batch 64" in out
     records = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["type"] == "eval"] == [1]  # rank 0 alone writes
+
+
+def test_torchrun_streams_each_process_its_own_shards(tmp_path, tiny_overrides):
+    from helpers import write_shards
+
+    # 5 shards: process 0 reads shards 0, 2, 4 (12 + 10 + 16 images), process 1 shards 1, 3 (18 + 20). With 16
+    # images per process and step, process 0 has 2 steps of data and process 1 has 2: an epoch is 2 steps.
+    write_shards(tmp_path / "shards", [12, 18, 10, 20, 16])
+    run = tmp_path / "run"
+    out = _torchrun("pretrain", *tiny_overrides, f"output_dir={run}", f"data.train={tmp_path / 'shards'}",
+                    "train.knn_every=-1", cwd=tmp_path)
+    assert "38 images in 3 shards (process 0 of 2: its own 3 of 5 shards)" in out
+    assert "2 steps/epoch x 2 epochs" in out
+    assert torch.load(run / "checkpoint.pth", weights_only=True)["global_step"] == 4

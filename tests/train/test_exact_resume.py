@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import metrics_records
+from helpers import metrics_records, write_shards
 
 from mobyssl.train import trainer
 from mobyssl.train.checkpoint import load_checkpoint
@@ -102,3 +102,19 @@ def test_multicrop_methods_resume_at_step_2_to_the_uninterrupted_run(tiny_overri
     for key, value in b["method"].items():
         assert torch.equal(a["method"][key], value), key
     assert b["method"]["criterion.center"].abs().max() > 0
+
+
+def test_a_stream_of_shards_resumes_at_step_2_to_the_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch):
+    """WebDataset shards are read as a stream (data/shards.py); a resumed epoch replays its order exactly."""
+    write_shards(tmp_path / "shards", [9, 14, 11])
+    with_shards = lambda *o: tiny_cfg(f"data.train={tmp_path / 'shards'}", "data.shuffle_buffer=8", *o)  # noqa: E731
+    straight = _run(with_shards, monkeypatch, tmp_path / "straight", 4, 1)
+    first = _run(with_shards, monkeypatch, tmp_path / "resumed", 2, 1)
+    resumed = _run(with_shards, monkeypatch, tmp_path / "resumed", 4, 1, resume=True)
+    assert [first[s] for s in (1, 2)] == [straight[s] for s in (1, 2)]
+    assert [resumed[s] for s in (3, 4)] == [straight[s] for s in (3, 4)]
+    zipped = _run(tiny_cfg, monkeypatch, tmp_path / "zip", 2, 1)
+    assert zipped[1] != straight[1]  # the shards' own order, not the zip's
+    a = load_checkpoint(tmp_path / "resumed" / "checkpoint.pth")["method"]
+    b = load_checkpoint(tmp_path / "straight" / "checkpoint.pth")["method"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
