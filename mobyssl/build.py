@@ -43,8 +43,10 @@ def build_train_dataset(cfg: Config, rank: int = 0, world: int = 1) -> TrainingD
     transform = get_method(cfg.method.name).train_transform(cfg)
     shards = open_stream_shards(cfg.data.train, rank, world)
     if shards is not None:
-        return TrainingDataset(shards, transform, seed=cfg.train.seed + STREAM_SEED_STRIDE * rank)
-    return TrainingDataset(open_dataset(cfg.data.train, key="data.train"), transform, seed=cfg.train.seed)
+        return TrainingDataset(shards, transform, seed=cfg.train.seed + STREAM_SEED_STRIDE * rank,
+                               jpeg_draft=cfg.data.jpeg_draft)
+    return TrainingDataset(open_dataset(cfg.data.train, key="data.train"), transform, seed=cfg.train.seed,
+                           jpeg_draft=cfg.data.jpeg_draft)
 
 
 def build_train_sampler(cfg: Config, dataset: TrainingDataset, batch_per_rank: int):

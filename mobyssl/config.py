@@ -200,6 +200,13 @@ class DataConfig(Section):
         "training device (any dataset size). gpu_resident: the dataset is decoded once into uint8 tensors "
         "on the device at data.image_size, then augmented there (datasets that fit in device memory, e.g. "
         "CIFAR-10: 150 MiB). The gpu_* pipelines run on a CPU device too.")
+    jpeg_draft: bool = opt(
+        False,
+        "data.pipeline=cpu: decode each JPEG at 1/2, 1/4 or 1/8 of its size (the decoder's own reduced-size mode) "
+        "when even the smallest crop the augmentation can cut still has its output size there. Much faster on large "
+        "photos (a 12-megapixel JPEG: see BENCHMARKS.md); no effect where crops are close to the image size "
+        "(CIFAR-10). Off by default: the reduced decode changes pixels slightly, and its effect on quality is not "
+        "measured yet.")
     shuffle_buffer: Int = opt(
         1000,
         "WebDataset shards in pre-training: samples are shuffled within a window of this many as each process "

@@ -196,3 +196,28 @@ def write_shards(folder: Path, counts: list[int], labels: bool = True, prefix: s
                     add_member(tf, f"{key}.cls", str(label).encode())
         paths.append(path)
     return paths
+
+
+def apply_with_torchvision(view, img, d):
+    """What the research code's torchvision v1 ops compute for ``view``'s draw ``d`` (an ``AugmentedView`` and its
+    ``ViewDraw``): torchvision's functional ops, one per transform, the tensor conversion and normalisation."""
+    import torchvision.transforms.functional as TF
+    from PIL import ImageFilter, ImageOps
+    from torchvision import transforms as T
+
+    from mobyssl.data.transforms import normalize
+
+    top, left, h, w = d.crop
+    img = TF.resized_crop(img, top, left, h, w, [view.size, view.size], T.InterpolationMode(view.interpolation))
+    if d.flip:
+        img = TF.hflip(img)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for k, factor in d.jitter:
+        img = ops[k](img, factor)
+    if d.grayscale:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    if d.blur_sigma is not None:
+        img = img.filter(ImageFilter.GaussianBlur(radius=d.blur_sigma))
+    if d.solarize:
+        img = ImageOps.solarize(img, threshold=128)
+    return normalize(view.norm)(TF.to_tensor(img))

@@ -176,9 +176,22 @@ def to_rgb8(img: Image.Image, name: str, data: bytes | None = None) -> Image.Ima
         raise DataError(f"cannot read image {name}: {e}. Remove or replace the file.") from None
 
 
-def decode_image_bytes(data: bytes, name: str) -> Image.Image:
-    """Encoded image bytes -> 8-bit RGB PIL image (``open_image`` + ``to_rgb8``); ``DataError`` naming ``name``."""
-    return to_rgb8(open_image(data, name), name, data)
+def decode_image_bytes(data: bytes, name: str, reduce: Optional[Callable[[int, int], int]] = None) -> Image.Image:
+    """Encoded image bytes -> 8-bit RGB PIL image (``open_image`` + ``to_rgb8``); ``DataError`` naming ``name``.
+
+    ``reduce(width, height)``, for JPEGs: a factor (1, 2, 4 or 8) by which the decoder may shrink the image (PIL's
+    draft mode: the JPEG's own reduced-size decoding, far cheaper than decoding everything and resizing).
+    """
+    img = open_image(data, name)
+    if reduce is not None and img.format == "JPEG":
+        factor = reduce(*img.size)
+        if factor > 1:
+            try:
+                img.draft("RGB", (img.width // factor, img.height // factor))
+                return to_rgb8(img, name, data)
+            except (DataError, *_DECODE_ERRORS):
+                img = open_image(data, name)  # the reduced decode failed: the plain decoder decides
+    return to_rgb8(img, name, data)
 
 
 def _labels_from_paths(rel_paths: list[str]) -> tuple[list[int], list[str]]:
@@ -241,9 +254,10 @@ class _ImageList(Dataset):
         """
         raise NotImplementedError
 
-    def load(self, index: int) -> Image.Image:
-        """Image ``index`` as 8-bit RGB (see ``to_rgb8``); ``DataError`` naming the file if it cannot be used."""
-        return decode_image_bytes(self.read_bytes(index), self.describe(index))
+    def load(self, index: int, reduce: Optional[Callable[[int, int], int]] = None) -> Image.Image:
+        """Image ``index`` as 8-bit RGB (see ``to_rgb8``); ``DataError`` naming the file if it cannot be used.
+        ``reduce``: see ``decode_image_bytes``."""
+        return decode_image_bytes(self.read_bytes(index), self.describe(index), reduce)
 
     def __getitem__(self, index: int):
         img = self.load(index)
@@ -303,19 +317,22 @@ class FolderDataset(_ImageList):
         labels, classes = _labels_from_paths(rel)
         super().__init__(str(root), rel, labels, classes, transform)
         self.root = root
+        self._root = str(root)
 
     def read_bytes(self, index: int) -> bytes:
         limit = MAX_IMAGE_BYTES
         try:
-            with open(self.root / self.keys[index], "rb") as f:
+            with open(os.path.join(self._root, self.keys[index]), "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size > limit:
                     raise _too_big(self.describe(index), size)
-                data = f.read(limit + 1)
+                data = f.read(size + 1)  # not read(limit + 1): that allocates the whole limit first
+                if len(data) > size:  # grew since the stat
+                    data += f.read(limit + 1 - len(data))
         except OSError as e:
             raise DataError(f"cannot read image {self.describe(index)}: {e.strerror or e}. Remove or replace the "
                             "file, or fix its permissions.") from None
-        if len(data) > limit:  # grew since the stat
+        if len(data) > limit:
             raise _too_big(self.describe(index), len(data))
         return data
 

@@ -52,8 +52,18 @@ class EncodedDataset(Dataset):
 
 
 def collate_encoded(batch):
+    """``(all bytes in one uint8 tensor, their lengths, labels, keys, errors)``: one tensor for the batch's bytes,
+    not one per image, so a worker hands the batch over through one shared-memory block (64 blocks per batch made
+    the workers, not the reading, the limit). ``split_encoded`` gives the images back."""
     data, labels, keys, *errors = zip(*batch)
-    return list(data), torch.tensor(labels), list(keys), list(errors[0]) if errors else [""] * len(keys)
+    lengths = torch.tensor([len(t) for t in data], dtype=torch.long)
+    return (torch.cat(data), lengths, torch.tensor(labels), list(keys),
+            list(errors[0]) if errors else [""] * len(keys))
+
+
+def split_encoded(flat: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    """The per-image byte tensors of a ``collate_encoded`` batch (views of ``flat``, no copy)."""
+    return list(torch.split(flat, lengths.tolist()))
 
 
 def _is_jpeg(t: torch.Tensor) -> bool:
@@ -124,7 +134,7 @@ class DeviceDecodeLoader:
 
     def __iter__(self):
         epoch, start = self.sampler.epoch, self.sampler.start_step
-        for b, (data, labels, keys, *errors) in enumerate(self.loader):
-            images, failed = decode_batch(data, keys, self.device, self.source, errors[0] if errors else None)
+        for b, (flat, lengths, labels, keys, errors) in enumerate(self.loader):
+            images, failed = decode_batch(split_encoded(flat, lengths), keys, self.device, self.source, errors)
             views = self.augment(images, batch_generator(self.device, self.seed, epoch, start + b, self.rank))
             yield views, labels.to(self.device, non_blocking=True), ["\n".join(failed)]

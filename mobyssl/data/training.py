@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from .datasets import DataError
 
 MAX_CONSECUTIVE_FAILURES = 10
+_CPU_GENERATOR = torch.default_generator
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -36,10 +37,12 @@ class TrainingDataset(Dataset):
     ``failed`` lists (newline-separated) the files that could not be read and were replaced.
     """
 
-    def __init__(self, dataset, transform, seed: int = 0):
+    def __init__(self, dataset, transform, seed: int = 0, jpeg_draft: bool = False):
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
+        # data.jpeg_draft: decode JPEGs at the smallest size that still covers every crop the transform can cut.
+        self.reduce = getattr(transform, "jpeg_reduction", None) if jpeg_draft else None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -50,7 +53,7 @@ class TrainingDataset(Dataset):
         for attempt in range(MAX_CONSECUTIVE_FAILURES):
             i = (index + attempt * 7919) % len(self.dataset)
             try:
-                img = self.dataset.load(i)
+                img = self.dataset.load(i, self.reduce)
                 break
             except DataError as e:
                 failed.append(self.dataset.keys[i])
@@ -58,13 +61,19 @@ class TrainingDataset(Dataset):
         else:
             raise DataError(f"{MAX_CONSECUTIVE_FAILURES} images in a row could not be read from "
                             f"{self.dataset.source} (last: {failed[-1]}); check the data source.")
-        with torch.random.fork_rng(devices=[]):
-            s = sample_seed(self.seed, epoch, index)
-            torch.manual_seed(s)
-            state = random.getstate()
+        s = sample_seed(self.seed, epoch, index)
+        if getattr(self.transform, "takes_rng", False):  # mobyssl's views: every choice from one generator
+            views = self.transform(img, random.Random(s))
+        else:
+            # Other transforms draw from torch's CPU generator and Python's random module: both seeded per sample
+            # and restored after (in the main process, drop path draws from the same generator). Seeding the CPU
+            # generator alone is what torch.manual_seed does for CPU draws, at a hundredth of its cost.
+            torch_state, py_state = _CPU_GENERATOR.get_state(), random.getstate()
+            _CPU_GENERATOR.manual_seed(s)
             random.seed(s)
             try:
                 views = self.transform(img)
             finally:
-                random.setstate(state)
+                _CPU_GENERATOR.set_state(torch_state)
+                random.setstate(py_state)
         return views, self.dataset.labels[i], "\n".join(failed)

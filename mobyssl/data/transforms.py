@@ -3,11 +3,14 @@ the evaluation transforms."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from PIL import Image, ImageFilter, ImageOps
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 NORMALIZATION = {
@@ -41,27 +44,168 @@ class Solarize:
 
 
 INTERPOLATIONS = ("bilinear", "bicubic")
+_PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def _jitter_range(value: float, center: float = 1.0) -> tuple[float, float] | None:
+    """ColorJitter's range for a strength (torchvision's rule; factors around 1 are clipped at 0): None when the
+    op can only be the identity."""
+    lo, hi = center - value, center + value
+    if center == 1.0:
+        lo = max(lo, 0.0)
+    return None if lo == hi == center else (lo, hi)
+
+
+@dataclass(frozen=True)
+class ViewDraw:
+    """The random choices of one view: the crop ``(top, left, height, width)``, the flip, the colour-jitter ops
+    in order as ``(op index, factor)`` (0 brightness, 1 contrast, 2 saturation, 3 hue; empty: no jitter), the
+    grayscale, the blur radius (None: no blur) and the solarize."""
+
+    crop: tuple[int, int, int, int]
+    flip: bool
+    jitter: tuple[tuple[int, float], ...]
+    grayscale: bool
+    blur_sigma: float | None
+    solarize: bool
+
+
+class AugmentedView:
+    """One BYOL-style view of a PIL image: RandomResizedCrop(``size``, ``scale``, ``interpolation``), flip, colour
+    jitter and grayscale from ``aug`` (the ``data.aug`` config section), Gaussian blur with probability
+    ``blur_prob`` and solarize with probability ``solarize_prob`` (an op with probability 0 is left out), then a
+    normalised float tensor.
+
+    The same distribution and the same pixel operations as torchvision's v1 transforms composed the way the
+    research code composes them (``reference()`` builds that pipeline; tests hold the two together), without
+    their per-op overhead: every random choice is drawn from one Python generator (``rng``; default: the
+    ``random`` module), and the tensor conversion and normalisation are one step.
+    """
+
+    takes_rng = True  # TrainingDataset passes its per-sample generator
+
+    def __init__(self, size: int, scale: Sequence[float], aug, blur_prob: float, solarize_prob: float, norm: str,
+                 interpolation: str = "bilinear", ratio: Sequence[float] = (3 / 4, 4 / 3)):
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        self.size, self.scale, self.ratio, self.interpolation = int(size), tuple(scale), tuple(ratio), interpolation
+        self.flip_prob = aug.flip_prob
+        self.jitter_strengths = tuple(float(x) for x in aug.color_jitter)
+        b, c, sat, hue = self.jitter_strengths
+        self.jitter_ranges = (_jitter_range(b), _jitter_range(c), _jitter_range(sat), _jitter_range(hue, 0.0))
+        self.jitter_prob = aug.color_jitter_prob
+        self.grayscale_prob = aug.grayscale_prob
+        self.blur_prob, self.blur_sigma = float(blur_prob), tuple(aug.blur_sigma)
+        self.solarize_prob = float(solarize_prob)
+        self.norm = norm
+        mean, std = NORMALIZATION[norm]
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+
+    def draw(self, width: int, height: int, rng=random) -> ViewDraw:
+        """The random choices for a ``width`` x ``height`` image, in the order the reference pipeline makes them."""
+        return ViewDraw(self._crop(width, height, rng), rng.random() < self.flip_prob, self._jitter(rng),
+                        rng.random() < self.grayscale_prob,
+                        rng.uniform(*self.blur_sigma) if self.blur_prob > 0 and rng.random() <= self.blur_prob
+                        else None,
+                        self.solarize_prob > 0 and rng.random() <= self.solarize_prob)
+
+    def _crop(self, width: int, height: int, rng) -> tuple[int, int, int, int]:
+        # torchvision's RandomResizedCrop.get_params, drawn from rng.
+        area = width * height
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*self._log_ratio))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            w, h = int(round(height * max(self.ratio))), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def _jitter(self, rng) -> tuple[tuple[int, float], ...]:
+        # RandomApply(ColorJitter): applied when a uniform draw is at most p; then the ops' order and factors.
+        if self.jitter_prob <= 0 or not rng.random() <= self.jitter_prob:
+            return ()
+        order = list(range(4))
+        rng.shuffle(order)
+        factors = [rng.uniform(*r) if r is not None else None for r in self.jitter_ranges]
+        return tuple((k, factors[k]) for k in order if factors[k] is not None)
+
+    def apply(self, img: Image.Image, d: ViewDraw) -> torch.Tensor:
+        top, left, h, w = d.crop
+        img = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), _PIL_RESAMPLE[self.interpolation])
+        if d.flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        for k, factor in d.jitter:
+            img = _JITTER_OPS[k](img, factor)
+        if d.grayscale:
+            img = img.convert("L").convert("RGB")
+        if d.blur_sigma is not None:
+            img = img.filter(ImageFilter.GaussianBlur(radius=d.blur_sigma))
+        if d.solarize:
+            img = ImageOps.solarize(img, threshold=128)
+        return to_normalized_tensor(img, self._mean, self._std)
+
+    def __call__(self, img: Image.Image, rng=random) -> torch.Tensor:
+        return self.apply(img, self.draw(*img.size, rng))
+
+    def reference(self) -> T.Compose:
+        """The torchvision v1 pipeline this view reproduces (the research code's way of writing it)."""
+        ops = [
+            T.RandomResizedCrop(self.size, scale=self.scale, ratio=self.ratio,
+                                interpolation=T.InterpolationMode(self.interpolation)),
+            T.RandomHorizontalFlip(self.flip_prob),
+            T.RandomApply([T.ColorJitter(*self.jitter_strengths)], p=self.jitter_prob),
+            T.RandomGrayscale(p=self.grayscale_prob),
+        ]
+        if self.blur_prob > 0:
+            ops.append(T.RandomApply([RandomGaussianBlur(self.blur_sigma)], p=self.blur_prob))
+        if self.solarize_prob > 0:
+            ops.append(T.RandomApply([Solarize()], p=self.solarize_prob))
+        return T.Compose(ops + [T.ToTensor(), normalize(self.norm)])
+
+    @property
+    def transforms(self) -> list:
+        """The reference pipeline's ops (for inspection: the parameters this view uses)."""
+        return self.reference().transforms
+
+    def __repr__(self) -> str:
+        return f"AugmentedView(reference={self.reference()})"
+
+
+def _adjust_hue(img: Image.Image, factor: float) -> Image.Image:
+    # torchvision's PIL hue: the H channel of PIL's 8-bit HSV shifted (wrapping) by factor * 255.
+    hsv = np.array(img.convert("HSV"))
+    hsv[..., 0] += np.uint8(np.int32(factor * 255).astype(np.uint8))
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+_JITTER_OPS = (
+    lambda img, f: ImageEnhance.Brightness(img).enhance(f),
+    lambda img, f: ImageEnhance.Contrast(img).enhance(f),
+    lambda img, f: ImageEnhance.Color(img).enhance(f),
+    _adjust_hue,
+)
+
+
+def to_normalized_tensor(img: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``Normalize(mean, std)(ToTensor()(img))`` for an RGB image, bit for bit, in one pass."""
+    channels_first = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # in uint8: a quarter the bytes
+    return channels_first.to(torch.float32).div_(255).sub_(mean).div_(std)
 
 
 def augmented_view(size: int, scale: Sequence[float], aug, blur_prob: float, solarize_prob: float, norm: str,
-                   interpolation: str = "bilinear") -> T.Compose:
-    """One BYOL-style view: RandomResizedCrop(``size``, ``scale``, ``interpolation``), flip, colour jitter and
-    grayscale from ``aug`` (the ``data.aug`` config section), then Gaussian blur with probability ``blur_prob``
-    and solarize with probability ``solarize_prob`` (an op with probability 0 is left out), then normalise."""
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    ops = [
-        T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode(interpolation)),
-        T.RandomHorizontalFlip(aug.flip_prob),
-        T.RandomApply([T.ColorJitter(*aug.color_jitter)], p=aug.color_jitter_prob),
-        T.RandomGrayscale(p=aug.grayscale_prob),
-    ]
-    if blur_prob > 0:
-        ops.append(T.RandomApply([RandomGaussianBlur(aug.blur_sigma)], p=blur_prob))
-    if solarize_prob > 0:
-        ops.append(T.RandomApply([Solarize()], p=solarize_prob))
-    ops += [T.ToTensor(), normalize(norm)]
-    return T.Compose(ops)
+                   interpolation: str = "bilinear") -> AugmentedView:
+    """One BYOL-style view (see ``AugmentedView``)."""
+    return AugmentedView(size, scale, aug, blur_prob, solarize_prob, norm, interpolation)
 
 
 def moby_view(image_size: int, aug, view: int, norm: str) -> T.Compose:
@@ -77,8 +221,28 @@ class MultiView:
     def __init__(self, transforms: Sequence):
         self.transforms = list(transforms)
 
-    def __call__(self, img):
-        return [t(img) for t in self.transforms]
+    @property
+    def takes_rng(self) -> bool:
+        return all(getattr(t, "takes_rng", False) for t in self.transforms)
+
+    def __call__(self, img, rng=None):
+        if rng is None:
+            return [t(img) for t in self.transforms]
+        return [t(img, rng) for t in self.transforms]
+
+    def jpeg_reduction(self, width: int, height: int) -> int:
+        """The largest JPEG draft factor (1, 2, 4 or 8) at which a ``width`` x ``height`` image, decoded at
+        1/factor of its size, still gives every view's random resized crop at least the view's output size in
+        pixels (the crops are then still downscaled, never upscaled). 1 when a view has no such crop."""
+        factor = 8
+        for t in self.transforms:
+            if not isinstance(t, AugmentedView):
+                return 1
+            # The smallest crop side: the smallest area at the most elongated aspect ratio (minus rounding).
+            smallest = math.sqrt(t.scale[0] * width * height * min(t.ratio[0], 1 / t.ratio[1])) - 1
+            while factor > 1 and smallest / factor < t.size + 1:
+                factor //= 2
+        return factor
 
     def __repr__(self) -> str:
         inner = "\n".join(f"  view {i}: {t}" for i, t in enumerate(self.transforms))

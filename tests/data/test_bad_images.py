@@ -20,7 +20,7 @@ from PIL import Image
 
 from mobyssl.data import DataError, FolderDataset, ZipDataset, open_dataset
 from mobyssl.data import datasets as datasets_module
-from mobyssl.data.device_decode import EncodedDataset, collate_encoded, decode_batch
+from mobyssl.data.device_decode import EncodedDataset, collate_encoded, decode_batch, split_encoded
 from mobyssl.data.resident import ResidentImages, ResidentLoader, UnreadableAtStart
 from mobyssl.train.guards import BadDataMonitor
 
@@ -116,7 +116,7 @@ def test_pixel_formats_on_gpu_resident(tmp_path, capfd):
 def test_pixel_formats_on_gpu_decode(tmp_path, capfd):
     ds = FolderDataset(_folder(tmp_path, {k: v[0] for k, v in FORMATS.items()}))
     batch = collate_encoded([EncodedDataset(ds)[(0, i)] for i in range(len(ds))])
-    images, failed = decode_batch(batch[0], batch[2], CPU, ds.source, batch[3])
+    images, failed = decode_batch(split_encoded(batch[0], batch[1]), batch[3], CPU, ds.source, batch[4])
     refused = sorted(k for k, v in FORMATS.items() if v[2])
     assert sorted(failed) == refused  # a valid TIFF or BMP is decoded by PIL, not reported unreadable
     for name, (_, expected, _) in FORMATS.items():
@@ -204,7 +204,7 @@ def test_decompression_bomb_is_refused_by_name_in_every_pipeline(tmp_path, monke
     real = dd.decode_image
     monkeypatch.setattr(dd, "decode_image", lambda t, *a, **k: decoded.append(t.numel()) or real(t, *a, **k))
     batch = collate_encoded([EncodedDataset(ds)[(0, i)] for i in range(len(ds))])
-    images, failed = decode_batch(batch[0], batch[2], CPU, ds.source, batch[3])
+    images, failed = decode_batch(split_encoded(batch[0], batch[1]), batch[3], CPU, ds.source, batch[4])
     assert sorted(failed) == ["bomb.png", "huge.png"]
     assert decoded == [len(files["ok.png"])]  # the bombs were refused from their headers, not decoded
     err = capfd.readouterr().err

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import apply_with_torchvision
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.ops import roi_align
@@ -286,14 +287,22 @@ def test_moby_views_are_unchanged():
     for view in (0, 1):
         (rrc,) = _ops(moby_view(32, aug, view, "imagenet"), T.RandomResizedCrop)
         assert rrc.interpolation == T.InterpolationMode.BILINEAR
+        ours, theirs = moby_view(32, aug, view, "imagenet").reference().transforms, before(view).transforms
+        assert [type(t) for t in ours] == [type(t) for t in theirs]
+        for a, b in zip(ours, theirs):
+            if isinstance(a, T.RandomApply):
+                assert a.p == b.p and type(a.transforms[0]) is type(b.transforms[0])
+                a, b = a.transforms[0], b.transforms[0]
+            assert {k: v for k, v in vars(a).items() if not k.startswith("_")} == \
+                {k: v for k, v in vars(b).items() if not k.startswith("_")}, (view, a)
+    # And the views compute what that pipeline computes from the same draws (tests/data/test_fast_view.py).
     tf = moby_transform(32, aug)
     img = Image.fromarray(_noise(40, 50))
-    for s in range(6):
-        _seed(s)
-        ours = tf(img)
-        _seed(s)
-        ref = [before(0)(img), before(1)(img)]
-        assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1]), s
+    rng = random.Random(0)
+    for _ in range(6):
+        for view in tf.transforms:
+            d = view.draw(*img.size, rng)
+            assert torch.equal(view.apply(img, d), apply_with_torchvision(view, img, d))
 
 
 # --------------------------------------------------------------------------- device views
