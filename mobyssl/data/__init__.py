@@ -1,6 +1,7 @@
 """Data sources and augmentations."""
 
-from .datasets import BUNDLED, DataError, FolderDataset, ZipDataset, open_dataset
+from .datasets import BUNDLED, DataError, FolderDataset, ZipDataset
+from .sources import open_dataset
 from .transforms import MultiView, eval_transform, linear_train_transform, moby_transform
 
 __all__ = [

@@ -20,6 +20,7 @@ from PIL import Image
 
 from mobyssl.data import DataError, FolderDataset, ZipDataset, open_dataset
 from mobyssl.data import datasets as datasets_module
+from mobyssl.data import sources as sources_module
 from mobyssl.data.device_decode import EncodedDataset, collate_encoded, decode_batch, split_encoded
 from mobyssl.data.resident import ResidentImages, ResidentLoader, UnreadableAtStart
 from mobyssl.train.guards import BadDataMonitor
@@ -375,7 +376,7 @@ def test_unlistable_and_unreadable_paths_are_explained(tmp_path, monkeypatch):
     def no_read(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(datasets_module, "open", no_read, raising=False)
+    monkeypatch.setattr(sources_module, "open", no_read, raising=False)
     with pytest.raises(DataError, match=r"data.train=.*z\.zip cannot be read \(Permission denied\)"):
         open_dataset(str(zpath))
     monkeypatch.undo()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import metrics_records, record_step_lrs
 
-from mobyssl.data.datasets import open_dataset
+from mobyssl.data import open_dataset
 from mobyssl.train import trainer
 from mobyssl.train.logging import MetricsLogger
 from mobyssl.train.trainer import make_schedules, pretrain
