@@ -94,6 +94,24 @@ def on_main_then_agree(check) -> None:
         raise error
 
 
+def on_every_rank_then_agree(fn):
+    """Run ``fn()`` on every rank and return its result; if it raises a ``MobysslError`` on any rank, every rank
+    raises the first such error (naming the rank), rather than the others hanging in the next collective. For work
+    that differs by rank, such as opening each rank's own data shards. A plain call in one process."""
+    if not is_distributed():
+        return fn()
+    result, error = None, None
+    try:
+        result = fn()
+    except MobysslError as e:
+        error = e
+    errors = gather_objects(None if error is None else (type(error), str(error)))
+    for r, e in enumerate(errors):
+        if e is not None:
+            raise error if r == rank() else e[0](f"process {r}: {e[1]}")
+    return result
+
+
 def shutdown() -> None:
     if is_distributed():
         dist.destroy_process_group()

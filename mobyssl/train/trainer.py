@@ -219,7 +219,7 @@ def pretrain(cfg: Config, resume: bool | str | ResumePoint = False, log=print, a
         raise ConfigError(f"train.batch_size={batch} over {world} process(es) and train.accum_steps={accum} gives "
                          f"micro-batches of {batch / world / accum:g} images; they must be whole and at least 2 "
                          "(BatchNorm in the heads). Raise train.batch_size or lower train.accum_steps.")
-    dataset = build.build_train_dataset(cfg, D.rank(), world)
+    dataset = D.on_every_rank_then_agree(lambda: build.build_train_dataset(cfg, D.rank(), world))  # own shards
     sampler = build.build_train_sampler(cfg, dataset, batch // world)
     if sampler.steps_per_epoch == 0:
         what = (f"has {len(dataset)} images" if world == 1 else

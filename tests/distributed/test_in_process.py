@@ -369,6 +369,34 @@ def test_on_main_then_agree_raises_rank_0s_error_everywhere(peers):
         assert type(e) is ConfigError and str(e) == str(original)
 
 
+def test_on_every_rank_then_agree_returns_each_ranks_own_result(peers):
+    assert peers(3).results(lambda r: D.on_every_rank_then_agree(lambda: r * 10)) == [0, 10, 20]
+
+
+def test_on_every_rank_then_agree_stops_every_rank_with_the_first_failing_ranks_error(peers):
+    from mobyssl.errors import DataError
+
+    original = DataError("shard /data/train-0001.tar is damaged after 5 members; re-create it.")
+
+    def open_own_shards(r):
+        if r == 1:
+            raise original
+        return f"shards of {r}"
+
+    out = peers(3).run(lambda r: D.on_every_rank_then_agree(lambda: open_own_shards(r)))
+    assert out[1][1] is original  # the failing rank raises its very error
+    for r in (0, 2):  # the others do not hang: they raise it too, naming the rank
+        assert type(out[r][1]) is DataError and str(out[r][1]) == f"process 1: {original}"
+
+
+@pytest.mark.parametrize("setup", ["no_group", "group"])
+def test_on_every_rank_then_agree_in_one_process_is_a_plain_call(request, setup):
+    request.getfixturevalue(setup)
+    assert D.on_every_rank_then_agree(lambda: 7) == 7
+    with pytest.raises(ConfigError, match="x"):
+        D.on_every_rank_then_agree(Check(ConfigError("x")))
+
+
 # --- gathering -------------------------------------------------------------------------------------------
 
 
