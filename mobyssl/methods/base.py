@@ -60,7 +60,9 @@ class Method(nn.Module):
 
     @staticmethod
     def train_transform(cfg):
-        """The CPU augmentation producing this method's list of views from one PIL image."""
+        """The CPU augmentation producing this method's list of views from one PIL image. A transform with
+        ``takes_rng`` (``MultiView`` of ``AugmentedView``) is called with a generator seeded per sample; any other
+        callable runs with torch's and Python's global generators seeded per sample."""
         raise NotImplementedError
 
     @classmethod
