@@ -32,7 +32,8 @@ from typing import Callable, Optional
 from torch.utils.data import Sampler
 
 from ..errors import DataError
-from .datasets import IMAGE_EXTENSIONS, MAX_IMAGE_BYTES, _ImageList, _too_big
+from . import datasets
+from .datasets import IMAGE_EXTENSIONS, _ImageList, _too_big
 
 SHARD_SUFFIX = ".tar"
 LABEL_EXTENSION = "cls"
@@ -181,7 +182,7 @@ class TarShards(_ImageList):
 
     def read_bytes(self, index: int) -> bytes:
         shard, offset, size = self._where[index]
-        if size > MAX_IMAGE_BYTES:
+        if size > datasets.MAX_IMAGE_BYTES:  # read here, so that a library user's override applies
             raise _too_big(self.describe(index), size)
         try:
             f = self._file(shard)

@@ -246,3 +246,16 @@ def test_the_batches_do_not_depend_on_the_number_of_workers(tmp_path, workers):
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert all(torch.equal(u, v) for u, v in zip(x, y))
+
+
+def test_the_image_size_limit_applies_to_shards_and_can_be_raised(tmp_path, monkeypatch):
+    from mobyssl.data import datasets as datasets_module
+
+    write_shards(tmp_path, [2])
+    ds = open_dataset(str(tmp_path))
+    size = len(ds.read_bytes(0))
+    monkeypatch.setattr(datasets_module, "MAX_IMAGE_BYTES", size - 1)
+    with pytest.raises(DataError, match=rf"'{ds.keys[0]}' in .*train-0000.tar.*MAX_IMAGE_BYTES"):
+        ds.read_bytes(0)
+    monkeypatch.setattr(datasets_module, "MAX_IMAGE_BYTES", size)
+    assert len(ds.read_bytes(0)) == size
