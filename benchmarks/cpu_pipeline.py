@@ -45,6 +45,7 @@ from mobyssl.build import build_train_dataset, build_train_sampler, device_loade
 from mobyssl.config import load_config
 from mobyssl.data.datasets import bundled_path
 from mobyssl.data.device_decode import EncodedDataset, collate_encoded
+from mobyssl.data.transforms import NORMALIZATION
 
 # -- the reference: research-code style ----------------------------------------------------------------------
 
@@ -70,9 +71,7 @@ class TwoCrops:
 
 
 def reference_transform(cfg) -> TwoCrops:
-    aug, mean_std = cfg.data.aug, {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-                                   "cifar10": ((0.49125, 0.48209, 0.446521), (0.245232, 0.242782, 0.260629))}
-    mean, std = mean_std.get(cfg.data.normalization, ((0, 0, 0), (1, 1, 1)))
+    aug, (mean, std) = cfg.data.aug, NORMALIZATION[cfg.data.normalization]
 
     def view(i):
         ops = [T.RandomResizedCrop(cfg.data.image_size, scale=tuple(aug.crop_scale)),

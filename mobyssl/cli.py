@@ -181,11 +181,10 @@ def make_parser() -> argparse.ArgumentParser:
                                                         "official"],
                    help="key layout: timm (default; timm.create_model(..., num_classes=0) loads it), torchvision "
                         "(its VisionTransformer / SwinTransformer of the same shape), openmmlab (mmdet 3 / mmseg 1 "
-                        "SwinTransformer, mmseg 1 VisionTransformer; mmdet and mmseg are other names for it: point the backbone's "
-                        "init_cfg=dict("
-                        "type='Pretrained', checkpoint=...) at the file), or official (the authors' layout in a "
-                        "{'model': ...} file: the original Swin layout that the MoBY authors' detection and "
-                        "segmentation code loads; DeiT's, i.e. timm's, for ViTs)")
+                        "SwinTransformer, mmseg 1 VisionTransformer; mmdet and mmseg are other names for it: point "
+                        "the backbone's init_cfg=dict(type='Pretrained', checkpoint=...) at the file), or official "
+                        "(the authors' layout in a {'model': ...} file: the original Swin layout that the MoBY "
+                        "authors' detection and segmentation code loads; DeiT's, i.e. timm's, for ViTs)")
 
     sub.add_parser("recipes", help="list the shipped recipes")
     sub.add_parser("backbones", help="list small-image presets and backbone aliases")
@@ -465,10 +464,10 @@ OPENMMLAB_NAMES = {"mmdet": "openmmlab", "mmseg": "openmmlab"}  # one layout ser
 
 def _cmd_export(args) -> int:
     from .errors import CheckpointError
-
-    args.format = OPENMMLAB_NAMES.get(args.format, args.format)
     from .models.backbones import timm_call
     from .train.checkpoint import backbone_state_dict, check_export_target, check_finite, load_checkpoint, save_export
+
+    fmt = OPENMMLAB_NAMES.get(args.format, args.format)
 
     output = check_export_target(args.output, args.checkpoint, args.overwrite)  # before any work
     recipe = check_export_target(output.with_suffix(".json"), args.checkpoint, args.overwrite, "--output's .json")
@@ -483,14 +482,14 @@ def _cmd_export(args) -> int:
             **(model.get("kwargs") or {})}
     if model.get("backbone"):
         call = timm_call(model["backbone"], **arch)
-    elif args.format != "timm":
+    elif fmt != "timm":
         raise CheckpointError(f"{args.checkpoint} stores no config, so its architecture is unknown and --format "
-                              f"{args.format} cannot be written; use --format timm")
+                              f"{fmt} cannot be written; use --format timm")
     written, load = sd, None
-    if args.format != "timm":
-        written, load = _convert_export(args.format, model["backbone"], arch, sd, args.checkpoint, output)
+    if fmt != "timm":
+        written, load = _convert_export(fmt, model["backbone"], arch, sd, args.checkpoint, output)
     save_export(written, output, source_checkpoint=args.checkpoint, overwrite=args.overwrite)
-    print(f"wrote {len(sd)} backbone tensors to {output} ({args.format} layout; backbone {model.get('backbone', '?')})")
+    print(f"wrote {len(sd)} backbone tensors to {output} ({fmt} layout; backbone {model.get('backbone', '?')})")
     if call is None:
         print("the checkpoint stores no config, so the call that rebuilds its architecture is unknown")
         return 0
@@ -498,7 +497,7 @@ def _cmd_export(args) -> int:
         imports = "import functools, timm, torch" + (", mobyssl.models.backbones" if "mobyssl." in call["code"] else "")
         load = (f"{imports}\nmodel = {call['code']}\n"
                 f"model.load_state_dict(torch.load({str(output)!r}, map_location='cpu'))")
-    _write_atomic(recipe, json.dumps({"backbone": model["backbone"], "format": args.format, "timm_name": call["timm_name"],
+    _write_atomic(recipe, json.dumps({"backbone": model["backbone"], "format": fmt, "timm_name": call["timm_name"],
                                       "timm_kwargs": call["kwargs"], "load": load, "weights": output.name,
                                       "source_checkpoint": str(args.checkpoint), "step": state.get("global_step"),
                                       "method": cfg.get("method", {}).get("name")}, indent=2, default=str) + "\n")

@@ -132,7 +132,7 @@ class AugmentedView:
 
     def _jitter(self, rng) -> tuple[tuple[int, float], ...]:
         # RandomApply(ColorJitter): applied when a uniform draw is at most p; then the ops' order and factors.
-        if self.jitter_prob <= 0 or not rng.random() <= self.jitter_prob:
+        if self.jitter_prob <= 0 or rng.random() > self.jitter_prob:
             return ()
         order = list(range(4))
         rng.shuffle(order)
@@ -184,7 +184,7 @@ class AugmentedView:
 def _adjust_hue(img: Image.Image, factor: float) -> Image.Image:
     # torchvision's PIL hue: the H channel of PIL's 8-bit HSV shifted (wrapping) by factor * 255.
     hsv = np.array(img.convert("HSV"))
-    hsv[..., 0] += np.uint8(np.int32(factor * 255).astype(np.uint8))
+    hsv[..., 0] += np.int32(factor * 255).astype(np.uint8)
     return Image.fromarray(hsv, "HSV").convert("RGB")
 
 
