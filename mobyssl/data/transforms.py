@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -157,6 +159,11 @@ class AugmentedView:
     def __call__(self, img: Image.Image, rng=random) -> torch.Tensor:
         return self.apply(img, self.draw(*img.size, rng))
 
+    def prepare(self) -> None:
+        """Build what the view's ops need once (the hue tables), before DataLoader workers fork and share it."""
+        if self.jitter_prob > 0 and self.jitter_ranges[3] is not None:
+            _HueTables.get()
+
     def reference(self) -> T.Compose:
         """The torchvision v1 pipeline this view reproduces (the research code's way of writing it)."""
         ops = [
@@ -181,11 +188,50 @@ class AugmentedView:
         return f"AugmentedView(reference={self.reference()})"
 
 
+class _HueTables:
+    """PIL's 8-bit RGB -> HSV and HSV -> RGB conversions as two lookup tables over every colour (2^24 entries,
+    64 MiB each, built from PIL's own conversions on first use, about a second), so a hue shift is two gathers
+    instead of PIL's two per-pixel conversions: the same pixels, bit for bit, about 6x faster at 224 px.
+
+    Both tables are indexed by a pixel's little-endian RGBX word masked to 24 bits (``r | g << 8 | b << 16``);
+    ``to_hsv`` holds ``h | s << 8 | v << 16`` and ``to_rgb`` (indexed by that) holds the RGBX word of the colour.
+    A process builds them once; DataLoader workers forked after the main process built them share its pages.
+    """
+
+    _lock = threading.Lock()
+    _tables: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def get(cls) -> tuple[np.ndarray, np.ndarray]:
+        with cls._lock:
+            if cls._tables is None:
+                # Every 24-bit word once, read as three channels: a 4096 x 4096 image of all colours.
+                grid = np.ascontiguousarray(
+                    np.arange(1 << 24, dtype=_WORD).view(np.uint8).reshape(4096, 4096, 4)[..., :3])
+                to_rgb = np.frombuffer(Image.fromarray(grid, "HSV").convert("RGB").tobytes("raw", "RGBX"), _WORD)
+                h, s, v = Image.fromarray(grid, "RGB").convert("HSV").split()
+                to_hsv = np.frombuffer(Image.merge("RGBA", (h, s, v, Image.new("L", h.size, 0))).tobytes(), _WORD)
+                cls._tables = (to_hsv, to_rgb)
+            return cls._tables
+
+
+_WORD = np.dtype("<u4")
+
+
+def _hue_shift(factor: float) -> np.uint8:
+    # torchvision's PIL hue: H (0-255) shifted, wrapping, by factor * 255 truncated towards zero.
+    return np.int32(factor * 255).astype(np.uint8)
+
+
 def _adjust_hue(img: Image.Image, factor: float) -> Image.Image:
-    # torchvision's PIL hue: the H channel of PIL's 8-bit HSV shifted (wrapping) by factor * 255.
-    hsv = np.array(img.convert("HSV"))
-    hsv[..., 0] += np.int32(factor * 255).astype(np.uint8)
-    return Image.fromarray(hsv, "HSV").convert("RGB")
+    """torchvision's ``adjust_hue`` on a PIL RGB image (PIL's HSV round trip with the H channel shifted), the same
+    pixels through ``_HueTables``."""
+    if img.mode != "RGB":
+        return TF.adjust_hue(img, factor)
+    to_hsv, to_rgb = _HueTables.get()
+    hsv = to_hsv[np.frombuffer(img.tobytes("raw", "RGBX"), _WORD) & 0xFFFFFF]
+    hsv.view(np.uint8)[0::4] += _hue_shift(factor)  # the H byte, wrapping as uint8
+    return Image.frombytes("RGB", img.size, to_rgb[hsv], "raw", "RGBX")
 
 
 _JITTER_OPS = (
@@ -229,6 +275,11 @@ class MultiView:
         if rng is None:
             return [t(img) for t in self.transforms]
         return [t(img, rng) for t in self.transforms]
+
+    def prepare(self) -> None:
+        for t in self.transforms:
+            if hasattr(t, "prepare"):
+                t.prepare()
 
     def jpeg_reduction(self, width: int, height: int) -> int:
         """The largest JPEG draft factor (1, 2, 4 or 8) at which a ``width`` x ``height`` image, decoded at

@@ -16,8 +16,10 @@ import torch
 from helpers import apply_with_torchvision
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from mobyssl.config import AugConfig
+from mobyssl.data import transforms
 from mobyssl.data.datasets import DataError, decode_image_bytes
 from mobyssl.data.training import TrainingDataset
 from mobyssl.data.transforms import AugmentedView, MultiCrop, moby_transform, multicrop_transform
@@ -52,6 +54,23 @@ def test_the_same_draws_give_torchvisions_pixels_bit_for_bit(interpolation, norm
         seen["blur"] += d.blur_sigma is not None
         seen["solarize"] += d.solarize
     assert all(n > 5 for n in seen.values()), seen  # every op was exercised
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.1, -0.1, 0.5, -0.5])
+def test_the_table_hue_gives_torchvisions_pixels_for_every_colour(factor):
+    # Every 24-bit colour once (a 4096 x 4096 image), through our lookup tables and through torchvision's
+    # adjust_hue (PIL's HSV round trip): equal everywhere, so no colour is left to chance.
+    every = np.arange(1 << 24, dtype="<u4").view(np.uint8).reshape(4096, 4096, 4)[..., :3]
+    img = Image.fromarray(np.ascontiguousarray(every[:, ::-1]))  # mirrored: the index is not the position
+    ours = np.asarray(transforms._adjust_hue(img, factor))
+    theirs = np.asarray(TF.adjust_hue(img, factor))
+    assert ours.shape == theirs.shape == (4096, 4096, 3)
+    assert np.array_equal(ours, theirs), f"{np.count_nonzero(np.any(ours != theirs, -1))} colours differ"
+
+
+def test_the_table_hue_leaves_other_modes_to_torchvision():
+    gray = _noise(24, 16).convert("L")
+    assert transforms._adjust_hue(gray, 0.3).tobytes() == TF.adjust_hue(gray, 0.3).tobytes() == gray.tobytes()
 
 
 def _torchvision_draws(n: int, width: int, height: int):
@@ -124,6 +143,20 @@ def test_training_samples_draw_from_their_own_generator_only(tmp_path):
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
     assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
     assert not torch.equal(a[0][0], c[0][0])  # another epoch, other views
+
+
+def test_the_training_dataset_builds_the_hue_tables_in_the_main_process_only_when_hue_is_drawn(tmp_path,
+                                                                                                  monkeypatch):
+    from mobyssl.data import open_dataset
+
+    _noise(40, 30).save(tmp_path / "0.png")
+    images = open_dataset(str(tmp_path))
+    monkeypatch.setattr(transforms._HueTables, "_tables", None)
+    TrainingDataset(images, moby_transform(16, AugConfig(color_jitter=[0.4, 0.4, 0.2, 0.0]), "none"))
+    TrainingDataset(images, moby_transform(16, AugConfig(color_jitter_prob=0.0), "none"))
+    assert transforms._HueTables._tables is None  # no hue shift drawn: no 128 MiB of tables
+    TrainingDataset(images, moby_transform(16, AugConfig(), "none"))
+    assert transforms._HueTables._tables is not None  # built before workers fork, so they share its pages
 
 
 # -- JPEG draft decoding -----------------------------------------------------------------------------------
