@@ -208,8 +208,9 @@ class _HueTables:
                 # Every 24-bit word once, read as three channels: a 4096 x 4096 image of all colours.
                 grid = np.ascontiguousarray(
                     np.arange(1 << 24, dtype=_WORD).view(np.uint8).reshape(4096, 4096, 4)[..., :3])
-                to_rgb = np.frombuffer(Image.fromarray(grid, "HSV").convert("RGB").tobytes("raw", "RGBX"), _WORD)
-                h, s, v = Image.fromarray(grid, "RGB").convert("HSV").split()
+                to_rgb = np.frombuffer(Image.frombytes("HSV", (4096, 4096), grid).convert("RGB").tobytes("raw", "RGBX"),
+                                       _WORD)
+                h, s, v = Image.fromarray(grid).convert("HSV").split()
                 to_hsv = np.frombuffer(Image.merge("RGBA", (h, s, v, Image.new("L", h.size, 0))).tobytes(), _WORD)
                 cls._tables = (to_hsv, to_rgb)
             return cls._tables
