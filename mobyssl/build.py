@@ -79,6 +79,8 @@ def build_eval_datasets(cfg: Config, train_transform=None):
 def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool = False,
                 drop_last: bool = False, generator: torch.Generator | None = None, sampler=None,
                 collate_fn=None) -> DataLoader:
+    if hasattr(dataset, "prepare"):
+        dataset.prepare()  # before the workers fork: they share what it builds (the CPU views' hue tables)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
                       sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
                       drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0,

@@ -43,11 +43,15 @@ class TrainingDataset(Dataset):
         self.seed = seed
         # data.jpeg_draft: decode JPEGs at the smallest size that still covers every crop the transform can cut.
         self.reduce = getattr(transform, "jpeg_reduction", None) if jpeg_draft else None
-        if hasattr(transform, "prepare"):
-            transform.prepare()  # here, in the main process: DataLoader workers forked later share what it builds
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def prepare(self) -> None:
+        """Build what the transform needs once (``make_loader`` calls it in the main process, so DataLoader
+        workers forked after it share what it built)."""
+        if hasattr(self.transform, "prepare"):
+            self.transform.prepare()
 
     def __getitem__(self, key):
         epoch, index = key

@@ -145,17 +145,20 @@ def test_training_samples_draw_from_their_own_generator_only(tmp_path):
     assert not torch.equal(a[0][0], c[0][0])  # another epoch, other views
 
 
-def test_the_training_dataset_builds_the_hue_tables_in_the_main_process_only_when_hue_is_drawn(tmp_path,
-                                                                                                  monkeypatch):
+def test_the_training_loader_builds_the_hue_tables_in_the_main_process_only_when_hue_is_drawn(tmp_path,
+                                                                                                 monkeypatch):
+    from mobyssl.build import make_loader
     from mobyssl.data import open_dataset
 
     _noise(40, 30).save(tmp_path / "0.png")
     images = open_dataset(str(tmp_path))
     monkeypatch.setattr(transforms._HueTables, "_tables", None)
-    TrainingDataset(images, moby_transform(16, AugConfig(color_jitter=[0.4, 0.4, 0.2, 0.0]), "none"))
-    TrainingDataset(images, moby_transform(16, AugConfig(color_jitter_prob=0.0), "none"))
+    for aug in (AugConfig(color_jitter=[0.4, 0.4, 0.2, 0.0]), AugConfig(color_jitter_prob=0.0)):
+        make_loader(TrainingDataset(images, moby_transform(16, aug, "none")), 1, 0, torch.device("cpu"))
     assert transforms._HueTables._tables is None  # no hue shift drawn: no 128 MiB of tables
-    TrainingDataset(images, moby_transform(16, AugConfig(), "none"))
+    with_hue = TrainingDataset(images, moby_transform(16, AugConfig(), "none"))
+    assert transforms._HueTables._tables is None  # not yet: the device pipelines never use the CPU views
+    make_loader(with_hue, 1, 0, torch.device("cpu"))
     assert transforms._HueTables._tables is not None  # built before workers fork, so they share its pages
 
 
