@@ -148,7 +148,7 @@ def breakdown(folder: Path, reps: int = 200) -> None:
     from PIL import ImageEnhance
 
     from mobyssl.data.datasets import decode_image_bytes
-    from mobyssl.data.transforms import _adjust_hue, to_normalized_tensor
+    from mobyssl.data.transforms import _adjust_contrast, _adjust_hue, to_normalized_tensor
 
     path = sorted(folder.rglob("*.jpg"))[0]
     data = path.read_bytes()
@@ -161,9 +161,11 @@ def breakdown(folder: Path, reps: int = 200) -> None:
         "crop + resize to 224": lambda: img.crop((50, 20, 350, 320)).resize((224, 224), Image.BILINEAR),
         "flip": lambda: crop.transpose(Image.FLIP_LEFT_RIGHT),
         "brightness": lambda: ImageEnhance.Brightness(crop).enhance(1.2),
-        "contrast": lambda: ImageEnhance.Contrast(crop).enhance(1.2),
+        "contrast (PIL's ImageEnhance)": lambda: ImageEnhance.Contrast(crop).enhance(1.2),
+        "contrast (mobyssl: a table, same pixels)": lambda: _adjust_contrast(crop, 1.2),
         "saturation": lambda: ImageEnhance.Color(crop).enhance(1.1),
-        "hue (PIL's HSV round trip)": lambda: _adjust_hue(crop, 0.05),
+        "hue (torchvision: PIL's HSV round trip)": lambda: T.functional.adjust_hue(crop, 0.05),
+        "hue (mobyssl: lookup tables, same pixels)": lambda: _adjust_hue(crop, 0.05),
         "grayscale": lambda: crop.convert("L").convert("RGB"),
         "Gaussian blur (PIL)": lambda: crop.filter(ImageFilter.GaussianBlur(radius=1.0)),
         "solarize": lambda: ImageOps.solarize(crop, 128),

@@ -84,7 +84,7 @@ def make_loader(dataset, batch_size: int, num_workers: int, device: torch.device
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
                       sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda",
                       drop_last=drop_last, generator=generator, persistent_workers=num_workers > 0,
-                      collate_fn=collate_fn)
+                      collate_fn=collate_fn or getattr(dataset, "collate", None))
 
 
 def device_loader(cfg: Config, dataset, sampler, batch_size: int, device: torch.device):

@@ -12,7 +12,7 @@ import random
 import sys
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from .datasets import DataError
 
@@ -54,6 +54,27 @@ class TrainingDataset(Dataset):
             self.transform.prepare()
 
     def __getitem__(self, key):
+        return self._sample(key, normalize=True)
+
+    def __getitems__(self, keys) -> list | _Collated:
+        """A batch (the DataLoader calls this when it exists). Views of mobyssl's CPU transforms come back as uint8
+        and are normalised here for the whole batch, into shared memory in a worker: the same floats as
+        ``__getitem__`` gives, without a float copy per image and a second one to stack them (``collate``)."""
+        if not getattr(self.transform, "normalizes_in_batch", False):
+            return [self[key] for key in keys]
+        samples = [self._sample(key, normalize=False) for key in keys]
+        views = [torch.stack(position) for position in zip(*(views for views, _, _ in samples))]
+        outs = [_float_like(v) for v in views]
+        rest = default_collate([(label, failed) for _, label, failed in samples])
+        return _Collated([self.transform.normalize_batch(views, outs), *rest])
+
+    @staticmethod
+    def collate(data):
+        """The DataLoader's ``collate_fn`` (``make_loader`` takes it from the dataset): a batch that
+        ``__getitems__`` already collated is passed through, a list of samples collated as by default."""
+        return data.batch if isinstance(data, _Collated) else default_collate(data)
+
+    def _sample(self, key, normalize: bool):
         epoch, index = key
         failed = []
         for attempt in range(MAX_CONSECUTIVE_FAILURES):
@@ -68,7 +89,9 @@ class TrainingDataset(Dataset):
             raise DataError(f"{MAX_CONSECUTIVE_FAILURES} images in a row could not be read from "
                             f"{self.dataset.source} (last: {failed[-1]}); check the data source.")
         s = sample_seed(self.seed, epoch, index)
-        if getattr(self.transform, "takes_rng", False):  # mobyssl's views: every choice from one generator
+        if not normalize:
+            views = self.transform(img, random.Random(s), normalize=False)
+        elif getattr(self.transform, "takes_rng", False):  # mobyssl's views: every choice from one generator
             views = self.transform(img, random.Random(s))
         else:
             # Other transforms draw from torch's CPU generator and Python's random module: both seeded per sample
@@ -83,3 +106,20 @@ class TrainingDataset(Dataset):
                 _CPU_GENERATOR.set_state(torch_state)
                 random.setstate(py_state)
         return views, self.dataset.labels[i], "\n".join(failed)
+
+
+class _Collated:
+    """A batch ``TrainingDataset.__getitems__`` has already collated (``TrainingDataset.collate`` unwraps it)."""
+
+    def __init__(self, batch: list):
+        self.batch = batch
+
+
+def _float_like(x: torch.Tensor) -> torch.Tensor:
+    # In a DataLoader worker, in shared memory as default_collate allocates it: the batch then reaches the main
+    # process without another copy.
+    if get_worker_info() is None:
+        return torch.empty(x.shape, dtype=torch.float32)
+    template = torch.empty(0, dtype=torch.float32)
+    storage = template._typed_storage()._new_shared(x.numel(), device=template.device)
+    return template.new(storage).resize_(x.shape)

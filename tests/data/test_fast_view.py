@@ -68,6 +68,18 @@ def test_the_table_hue_gives_torchvisions_pixels_for_every_colour(factor):
     assert np.array_equal(ours, theirs), f"{np.count_nonzero(np.any(ours != theirs, -1))} colours differ"
 
 
+@pytest.mark.parametrize("factor", [0.0, 0.3, 0.6, 0.999, 1.0, 1.4, 2.5])
+def test_the_table_contrast_gives_torchvisions_pixels(factor):
+    # Every channel value at several mean greys (dark, middle, bright images): the table covers each value once.
+    every = np.arange(1 << 24, dtype="<u4").view(np.uint8).reshape(4096, 4096, 4)[:256, :, :3]
+    for scale, offset in ((0.2, 0), (1.0, 0), (0.3, 170)):
+        img = Image.fromarray(np.ascontiguousarray((every * scale + offset).astype(np.uint8)))
+        assert np.array_equal(np.asarray(transforms._adjust_contrast(img, factor)),
+                              np.asarray(TF.adjust_contrast(img, factor))), (scale, offset)
+    gray = _noise(24, 16).convert("L")
+    assert transforms._adjust_contrast(gray, factor).tobytes() == TF.adjust_contrast(gray, factor).tobytes()
+
+
 def test_the_table_hue_leaves_other_modes_to_torchvision():
     gray = _noise(24, 16).convert("L")
     assert transforms._adjust_hue(gray, 0.3).tobytes() == TF.adjust_hue(gray, 0.3).tobytes() == gray.tobytes()
@@ -160,6 +172,43 @@ def test_the_training_loader_builds_the_hue_tables_in_the_main_process_only_when
     assert transforms._HueTables._tables is None  # not yet: the device pipelines never use the CPU views
     make_loader(with_hue, 1, 0, torch.device("cpu"))
     assert transforms._HueTables._tables is not None  # built before workers fork, so they share its pages
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_batch_normalised_at_once_equals_the_samples_stacked(tmp_path, workers):
+    """``__getitems__`` normalises uint8 views per batch; the floats, labels and skipped files are those of the
+    image-by-image ``__getitem__`` stacked by the default collate, bit for bit (DINO's multi-crop sizes too)."""
+    from torch.utils.data import default_collate
+
+    from mobyssl.build import make_loader
+    from mobyssl.data import open_dataset
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(3):
+            _noise(40, 30, seed=3 * c + i).save(tmp_path / f"c{c}" / f"{i}.png")
+    (tmp_path / "c1" / "bad.png").write_bytes(b"not an image")  # replaced by another image, and named
+    images = open_dataset(str(tmp_path))
+    spec = MultiCrop(global_size=16, local_size=8, n_local=2, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4))
+    for transform in (moby_transform(16, ALL_ON, "cifar10"), multicrop_transform(spec, ALL_ON, "imagenet")):
+        ds = TrainingDataset(images, transform, seed=3)
+        keys = [(1, i) for i in range(len(images))]
+        got = next(iter(make_loader(ds, len(keys), workers, torch.device("cpu"), sampler=keys)))
+        want = default_collate([ds[k] for k in keys])
+        assert len(got[0]) == len(want[0]) == len(transform.transforms)
+        for a, b in zip(got[0], want[0]):
+            assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+        assert torch.equal(got[1], want[1]) and list(got[2]) == list(want[2]) and any(want[2])
+
+
+def test_a_worker_normalises_its_batch_into_shared_memory(monkeypatch):
+    from mobyssl.data import training
+
+    x = torch.zeros(2, 3, 4, 5, dtype=torch.uint8)
+    assert not training._float_like(x).is_shared()
+    monkeypatch.setattr(training, "get_worker_info", lambda: object())  # as in a DataLoader worker
+    out = training._float_like(x)
+    assert out.is_shared() and out.shape == x.shape and out.dtype == torch.float32
 
 
 # -- JPEG draft decoding -----------------------------------------------------------------------------------
