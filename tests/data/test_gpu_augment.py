@@ -133,7 +133,7 @@ def _multicrop_augment():
     from mobyssl.config import load_config
     from mobyssl.methods.dino import DINO
 
-    return DINO.device_transform(load_config("dino_quickstart"))
+    return DINO.device_transform(load_config("dino_quickstart", ["method.local_crops_number=4"]))
 
 
 @pytest.mark.parametrize("make", [lambda: BatchMoBYAugment(24, AugConfig(blur_prob=[1.0, 0.1], solarize_prob=[0.0, 0.2]),

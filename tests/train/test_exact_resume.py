@@ -84,7 +84,7 @@ def test_multicrop_methods_resume_at_step_2_to_the_uninterrupted_run(tiny_overri
         return load_config(recipe, [*tiny, f"output_dir={out}", f"train.max_steps={steps}",
                                     "train.save_every_steps=2", "train.knn_every=-1", "train.batch_size=8",
                                     "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16",
-                                    "method.warmup_teacher_temp=0.03", "method.warmup_teacher_temp_epochs=1",
+                                    "method.local_crops_number=4", "method.warmup_teacher_temp=0.03", "method.warmup_teacher_temp_epochs=1",
                                     "model.drop_path_rate=0.3"])
 
     def run(out, steps, resume=False):
