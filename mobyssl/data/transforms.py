@@ -156,8 +156,7 @@ class AugmentedView:
             img = img.filter(ImageFilter.GaussianBlur(radius=d.blur_sigma))
         if d.solarize:
             img = ImageOps.solarize(img, threshold=128)
-        chw = to_uint8_tensor(img)
-        return normalize_uint8(chw, self._mean, self._std) if normalize else chw
+        return to_normalized_tensor(img, self._mean, self._std) if normalize else to_uint8_tensor(img)
 
     def __call__(self, img: Image.Image, rng=random, normalize: bool = True) -> torch.Tensor:
         return self.apply(img, self.draw(*img.size, rng), normalize)
@@ -210,6 +209,8 @@ class _HueTables:
 
     @classmethod
     def get(cls) -> tuple[np.ndarray, np.ndarray]:
+        if cls._tables is not None:  # every hue shift asks: no lock once built
+            return cls._tables
         with cls._lock:
             if cls._tables is None:
                 # Every 24-bit word once, read as three channels: a 4096 x 4096 image of all colours.
