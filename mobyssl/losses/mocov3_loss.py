@@ -29,11 +29,13 @@ def contrastive_stats(sim_1: torch.Tensor, sim_2: torch.Tensor, queries: torch.T
     about 1 when healthy, 0 when collapsed). ``sim_*``: ``(B, world * B)`` similarities of ``batch_contrastive``."""
     with torch.no_grad():  # in the body: mutation testing skips decorated functions
         n = sim_1.shape[0]
-        positive = torch.zeros_like(sim_1, dtype=torch.bool)
-        positive[torch.arange(n), torch.arange(n) + n * D.rank()] = True
-        pos_sim = 0.5 * (sim_1[positive].mean() + sim_2[positive].mean())
-        neg_sim = (0.5 * (sim_1[~positive].mean() + sim_2[~positive].mean()) if sim_1.shape[1] > 1
-                   else torch.zeros((), dtype=sim_1.dtype, device=sim_1.device))
+        own_key = (torch.arange(n, device=sim_1.device) + n * D.rank())[:, None]  # the positives' columns
+        # Sums and gathers, not boolean-mask indexing, which reads the mask's size back from the device.
+        positives = [sim.gather(1, own_key) for sim in (sim_1, sim_2)]
+        pos_sim = 0.5 * (positives[0].mean() + positives[1].mean())
+        negatives = sim_1.numel() - n
+        neg_sim = (0.5 * sum((sim.sum() - pos.sum()) / negatives for sim, pos in zip((sim_1, sim_2), positives))
+                   if negatives > 0 else torch.zeros((), dtype=sim_1.dtype, device=sim_1.device))
         unit = F.normalize(queries.detach(), dim=1)
         feature_std = unit.std(0).mean() * unit.shape[1] ** 0.5
         return {"pos_sim": pos_sim, "neg_sim": neg_sim, "feature_std": feature_std}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -25,10 +24,11 @@ def copy_weights(online: nn.Module, target: nn.Module) -> None:
 
 
 def ema_update(online: nn.Module, target: nn.Module, momentum: float, apply: torch.Tensor | bool = True) -> None:
-    """``target = momentum * target + (1 - momentum) * online`` over parameters, in one foreach op.
+    """``target = momentum * target + (1 - momentum) * online`` over parameters, in foreach ops.
 
     ``apply`` may be a 0-d bool tensor: the update then becomes a no-op where it is False, decided on
-    the device without a host synchronisation.
+    the device without a host synchronisation. (Not through ``_foreach_lerp_``: it has no tensor-weight
+    overload, and a 0-d tensor passed as its weight is read back to the host as a Python number.)
     """
     with torch.no_grad():  # in the body: mutation testing skips decorated functions
         t_params = [p for p in target.parameters()]
@@ -40,20 +40,6 @@ def ema_update(online: nn.Module, target: nn.Module, momentum: float, apply: tor
                 torch._foreach_lerp_(t_params, o_params, 1.0 - momentum)
             return
         weight = apply.to(t_params[0].dtype) * (1.0 - momentum)
-        if lerp_takes_a_tensor_weight():
-            torch._foreach_lerp_(t_params, o_params, weight)
-        else:
-            diff = torch._foreach_sub(o_params, t_params)
-            torch._foreach_mul_(diff, weight)
-            torch._foreach_add_(t_params, diff)
-
-
-@functools.cache
-def lerp_takes_a_tensor_weight() -> bool:
-    """Whether this PyTorch has ``_foreach_lerp_`` with a tensor weight (asked once, not by catching errors of
-    the real update, which would hide a wrong call behind the fallback)."""
-    try:
-        torch._foreach_lerp_([torch.zeros(1)], [torch.ones(1)], torch.tensor(0.5))
-    except (TypeError, RuntimeError):
-        return False
-    return True
+        step = torch._foreach_sub(o_params, t_params)
+        torch._foreach_mul_(step, weight)  # the Tensor overload: the weight stays on the device
+        torch._foreach_add_(t_params, step)

@@ -1,9 +1,9 @@
 import math
 
-import pytest
 import torch
 from torch import nn
 
+from mobyssl.host_sync import HostSyncCounter
 from mobyssl.models.momentum import copy_weights, cosine_momentum, ema_update
 
 
@@ -54,26 +54,18 @@ def test_cosine_momentum_for_runs_of_zero_and_one_step():
     assert cosine_momentum(1, 1, 0.99) == 1.0
 
 
-@pytest.mark.parametrize("tensor_lerp", [True, False], ids=["foreach_lerp", "older_pytorch_fallback"])
-def test_ema_update_with_a_device_flag_both_paths_and_a_single_parameter(monkeypatch, tensor_lerp):
-    """With a device flag, the foreach-lerp path and the fallback for PyTorch without a tensor-weight lerp give the
-    same update (also for a target with a single parameter); a False flag leaves the target untouched."""
-    import mobyssl.models.momentum as momentum
-
-    monkeypatch.setattr(momentum, "lerp_takes_a_tensor_weight", lambda: tensor_lerp)
+def test_ema_update_with_a_device_flag_reads_nothing_back_and_handles_a_single_parameter():
+    """A device flag gates the update without the host reading it (a 0-d tensor given to ``_foreach_lerp_`` as its
+    weight would be: it has no tensor overload); a False flag leaves the target untouched, also for a target with a
+    single parameter."""
     torch.manual_seed(0)
     for make in (lambda: nn.Linear(3, 2), lambda: nn.Linear(3, 2, bias=False)):
         online, target = make(), make()
         before = [p.clone() for p in target.parameters()]
-        ema_update(online, target, 0.9, torch.tensor(False))
-        assert all(torch.equal(a, b) for a, b in zip(before, target.parameters()))
-        ema_update(online, target, 0.75, torch.tensor(True))
+        with HostSyncCounter() as syncs:
+            ema_update(online, target, 0.9, torch.tensor(False))
+            ema_update(online, target, 0.75, torch.tensor(True))
+        assert syncs.total == 0, syncs.counts
+        ema_update(online, target, 0.75, torch.tensor(False))
         for po, pt, new in zip(online.parameters(), before, target.parameters()):
             torch.testing.assert_close(new, 0.75 * pt + 0.25 * po, rtol=0, atol=1e-7)
-
-
-def test_this_pytorch_has_the_tensor_weight_lerp():
-    """Both supported PyTorch versions (2.11, 2.14) have it: the fallback is for older ones only."""
-    from mobyssl.models.momentum import lerp_takes_a_tensor_weight
-
-    assert lerp_takes_a_tensor_weight()
