@@ -105,6 +105,9 @@ job swin32_compiled 300 $STEPS $MOBYSSL pretrain --config moby_swin_cifar10 $COM
     job visualize 120 0 $MOBYSSL visualize --run "$D" --k 4 train.device=$DEVICE --out "$WORK/pictures"
     job finetune 240 0 $MOBYSSL finetune --checkpoint "$D/checkpoint.pth" train.device=$DEVICE train.amp=${AMPS%% *} \
         finetune.epochs=2 finetune.batch_size=64 finetune.output_dir=$RUNS/finetune
+    job finetune_compiled 300 0 $MOBYSSL finetune --checkpoint "$D/checkpoint.pth" train.device=$DEVICE \
+        train.amp=${AMPS%% *} train.compile=true finetune.epochs=1 finetune.batch_size=64 \
+        finetune.output_dir=$RUNS/finetune_compiled
     wait
 ) &
 wait
@@ -117,6 +120,10 @@ say "matrix done"
 } >"$OUT/smoke.md"
 tar -czf "$OUT/smoke_logs.tar.gz" -C "$WORK" logs 2>/dev/null
 
+if [ "$DEVICE" != cpu ]; then
+    say "GMML corruption on the device (ms per view; host waits, also by CUDA's sync debug mode)"
+    timeout 120 python3 benchmarks/gmml_corruption.py --device "$DEVICE" --batch 64 256 2>&1 | tee "$OUT/gmml.log"
+fi
 if [ "${THROUGHPUT:-1}" = 1 ] && [ "$DEVICE" != cpu ]; then
     say "throughput (model only eager + compiled, end to end through the three pipelines)"
     timeout "${THROUGHPUT_LIMIT:-270}" python3 benchmarks/throughput.py --backbones deit_small swin_tiny --batch 128 \

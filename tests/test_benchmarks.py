@@ -41,3 +41,10 @@ def test_pretrain_knn_smoke(tiny_overrides):
                "train.max_steps=2")
     assert "random init -> trained" in out and '"trained"' in out
     assert "on the 500 test images" in out and "on the 1000 images of bundled:cifar10-sample-train" in out
+
+
+def test_gmml_corruption_smoke():
+    out = _run("gmml_corruption.py", "--device", "cpu", "--threads", "1", "--repeats", "1", "--batch", "4")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and " px |" in line]
+    assert len(rows) == 4
+    assert all(int(row.split("|")[-2]) >= 1 for row in rows)  # at least the one read back per round of blocks

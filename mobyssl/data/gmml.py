@@ -16,8 +16,11 @@ excludes ``hi``; ``round`` is round-half-to-even)::
         X[:, r:r + h, c:c + w] = content;  mask[r:r + h, c:c + w] = 1
 
 The content is zeros, N(0, 1) noise, a copy of another block of the same (partly corrupted) image, or, in the
-second pass, the same pixels of a clean image of the batch. Batched, every image whose coverage is below its
-target draws one block per round; an image stops at the first block that reaches its target, as in the loop above.
+second pass, the same pixels of a clean image of the batch. Batched, every image draws a round of blocks at once
+and keeps the first ones it needs: an image stops at the first block that reaches its target, as in the loop above.
+Only copies depend on earlier blocks' output; zeros, noise (a fresh N(0, 1) per pixel, the same law as one draw per
+block) and pass-2 pixels are written once, over the final mask. The host reads one flag back per round (whether any
+image is still below its target), so on a GPU the corruption does not stall the host block by block.
 """
 
 from __future__ import annotations
@@ -29,10 +32,15 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..runtime import device_constant
 
 KINDS = ("zeros", "noise", "copy")
 MAX_BLOCK = 0.3  # largest block side as a fraction of the image side (exclusive bound of the size draw)
 MAX_ROUNDS = 100_000  # guard against a target that cannot be reached; check() makes it unreachable in practice
+# Blocks drawn per image at once: as many as fit CHUNK_ELEMENTS (B x chunk x H x W bytes), at most MAX_CHUNK. The
+# recipes need 20-40 blocks per image, so at 32 px one round of blocks is enough and at 224 px (batch 64) two or three.
+CHUNK_ELEMENTS = 2**26
+MAX_CHUNK = 64
 
 _ZEROS, _NOISE, _COPY = range(3)
 
@@ -52,18 +60,18 @@ def _div_round_half_even(n, align: int):
     return quotient + up
 
 
-def _draw_blocks(n: int, height: int, width: int, align: int, device) -> tuple[torch.Tensor, ...]:
-    """``n`` independent blocks of the official law: top row ``r``, left column ``c``, height ``h``, width ``w``.
+def _draw_blocks(shape: tuple[int, ...], height: int, width: int, align: int, device) -> tuple[torch.Tensor, ...]:
+    """Independent blocks of the official law: top row ``r``, left column ``c``, height ``h``, width ``w``.
 
-    Returns four int64 tensors of shape (n,). ``r`` and ``c`` are multiples of ``align`` drawn from
+    Returns four int64 tensors of ``shape``. ``r`` and ``c`` are multiples of ``align`` drawn from
     ``[0, side - align)``; sizes are drawn from ``[align, int(0.3 * side))``, clipped to the image and rounded to a
     whole number of ``align`` cells (so ``h >= align``).
     """
     max_h, max_w = int(MAX_BLOCK * height), int(MAX_BLOCK * width)
-    top = torch.randint(0, height - align, (n,), device=device) // align * align
-    left = torch.randint(0, width - align, (n,), device=device) // align * align
-    h = torch.randint(align, max_h, (n,), device=device)
-    w = torch.randint(align, max_w, (n,), device=device)
+    top = torch.randint(0, height - align, shape, device=device) // align * align
+    left = torch.randint(0, width - align, shape, device=device) // align * align
+    h = torch.randint(align, max_h, shape, device=device)
+    w = torch.randint(align, max_w, shape, device=device)
     h = _div_round_half_even(torch.minimum(h, height - top), align) * align
     w = _div_round_half_even(torch.minimum(w, width - left), align) * align
     return top, left, h, w
@@ -156,6 +164,9 @@ class GMMLCorruption:
 
         Returns ``(corrupted (B, C, H, W), mask (B, H, W) bool)``; the mask is True on every pixel of every block
         (also where the value happens not to change). ``images`` is not modified.
+
+        Blocks are drawn in rounds of ``chunk`` per image at once, and the host reads from the device once per round
+        (whether any image is still below its target): nothing else waits for the device.
         """
         if images.dim() != 4 or not images.is_floating_point():
             raise ValueError(f"GMML corruption expects a float (B, C, H, W) batch, got {images.dtype} "
@@ -165,73 +176,92 @@ class GMMLCorruption:
             raise ValueError(f"GMML corruption expects square images, got {height}x{width}")
         self.check(height)
         device = images.device
-        # Per-image choices, drawn up front for every image so the RNG use does not depend on the coin's outcome.
+        replaced, source, kind, target = self._draw_images(batch, height * width, device)
+        is_copy = ~replaced & (kind == _COPY)
+
+        corrupted = images.clone()  # only copy blocks are written in the loop: they read earlier blocks' output
+        mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+        covered = torch.zeros(batch, dtype=torch.float64, device=device)
+        chunk = max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // (batch * height * width)))
+        rounds = 0
+        while True:
+            if rounds >= MAX_ROUNDS:
+                raise RuntimeError(f"GMML corruption did not reach its target coverage within {MAX_ROUNDS} blocks "
+                                   f"per image ({self}, {height}x{width} images); check() should have refused it")
+            size = min(chunk, MAX_ROUNDS - rounds)
+            rounds += size
+            covered = self._add_blocks(corrupted, mask, covered, target, is_copy, size)
+            if not bool((covered < target).any()):  # the one read back per round of blocks
+                break
+        content = torch.zeros_like(images)  # "zeros"
+        if "noise" in self.drop_types:
+            # Each pixel shows the noise of the last block over it, a fresh N(0, 1) draw: one draw per pixel is the
+            # same law as one per block.
+            is_noise = ~replaced & (kind == _NOISE)
+            content = torch.where(is_noise[:, None, None, None], torch.randn_like(images), content)
+        if self.drop_replace > 0:
+            content = torch.where(replaced[:, None, None, None], images[source], content)
+        written = mask[:, None] & ~is_copy[:, None, None, None]
+        return torch.where(written, content, corrupted), mask
+
+    def _draw_images(self, batch: int, pixels: int, device) -> tuple[torch.Tensor, ...]:
+        """Per-image choices, (B,) each: ``replaced`` (pass 2's coin), ``source`` (pass 2's clean image), ``kind``
+        (an index into ``KINDS``) and ``target`` (pixels to cover, float64). All are drawn for every image, so the
+        RNG use does not depend on the coin's outcome."""
         replaced = torch.zeros(batch, dtype=torch.bool, device=device)
         if self.drop_replace > 0:
             replaced = torch.randint(0, 2, (batch,), device=device).bool()
-        source = torch.randint(0, batch, (batch,), device=device)  # pass 2: the clean image to copy from
+        source = torch.randint(0, batch, (batch,), device=device)
         kind_index = torch.randint(0, len(self.drop_types), (batch,), device=device)
-        kind = torch.tensor([KINDS.index(k) for k in self.drop_types], device=device)[kind_index]
+        kind = device_constant(tuple(KINDS.index(k) for k in self.drop_types), device, torch.int64)[kind_index]
         fraction = torch.full((batch,), float(self.drop_perc), dtype=torch.float64, device=device)
-        fraction[replaced] = float(self.drop_replace)
+        fraction = fraction.masked_fill(replaced, float(self.drop_replace))
         lowest = fraction.clamp(max=0.5)
         uniform = torch.rand(batch, dtype=torch.float64, device=device)
-        target = (lowest + uniform * (fraction - lowest)) * (height * width)
+        return replaced, source, kind, (lowest + uniform * (fraction - lowest)) * pixels
 
-        corrupted = images.clone()
-        mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+    def _add_blocks(self, corrupted, mask, covered, target, is_copy, count: int) -> torch.Tensor:
+        """Draw ``count`` blocks per image and add to ``mask`` (in place) the first ones of each image that are
+        needed: block k counts while the coverage before it is below the image's target. Copy blocks are also
+        written into ``corrupted`` (in place), in order. Returns the new coverage (B,) in pixels."""
+        batch, _, height, width = corrupted.shape
+        device = corrupted.device
+        top, left, h, w = _draw_blocks((batch, count), height, width, self.drop_align, device)
         rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
-        active = torch.nonzero(target > 0).squeeze(1)
-        rounds = 0
-        while active.numel() > 0:
-            if rounds == MAX_ROUNDS:
-                raise RuntimeError(f"GMML corruption did not reach its target coverage within {MAX_ROUNDS} blocks "
-                                   f"per image ({self}, {height}x{width} images); check() should have refused it")
-            rounds += 1
-            n = active.numel()
-            top, left, h, w = _draw_blocks(n, height, width, self.drop_align, device)
-            in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])  # (n, H)
-            in_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])  # (n, W)
-            block = in_rows[:, :, None] & in_cols[:, None, :]  # (n, H, W)
-            current = corrupted[active]
-            content = self._content(current, images, active, replaced, source, kind, top, left, h, w, in_rows,
-                                    in_cols)
-            corrupted[active] = torch.where(block[:, None], content, current)
-            mask[active] |= block
-            coverage = mask[active].sum(dim=(1, 2))
-            active = active[coverage < target[active]]
-        return corrupted, mask
+        in_rows = (rows >= top[..., None]) & (rows < (top + h)[..., None])  # (B, count, H)
+        in_cols = (cols >= left[..., None]) & (cols < (left + w)[..., None])  # (B, count, W)
+        # The first block of this round over each pixel (count where none is, or where an earlier round was).
+        order = torch.arange(count, dtype=torch.uint8, device=device)[None, :, None]
+        row_key = torch.where(in_rows, order, count)
+        col_key = torch.where(in_cols, order, count)
+        first = torch.maximum(row_key[..., None], col_key[:, :, None, :]).amin(dim=1)  # (B, H, W)
+        first = torch.where(mask, count, first)
+        new_pixels = torch.zeros(batch, count + 1, dtype=torch.float64, device=device)
+        new_pixels.scatter_add_(1, first.flatten(1).long(), torch.ones_like(first.flatten(1), dtype=torch.float64))
+        after = covered[:, None] + new_pixels[:, :count].cumsum(1)  # coverage after each block, (B, count)
+        before = torch.cat([covered[:, None], after[:, :-1]], dim=1)
+        used = before < target[:, None]  # the stopping rule: a block is added while the target is not reached
+        n_used = used.sum(1)
+        mask |= first < n_used[:, None, None]
+        if "copy" in self.drop_types:
+            self._write_copies(corrupted, top, left, h, w, in_rows, in_cols, used & is_copy[:, None])
+        return torch.where(n_used > 0, after.gather(1, (n_used - 1).clamp(min=0)[:, None])[:, 0], covered)
 
-    def _content(self, current, images, active, replaced, source, kind, top, left, h, w, in_rows, in_cols):
-        """What this round writes into each active image's block, for the whole (n, C, H, W) image (only the block
-        is used). ``current`` is the active images before this round's write, the source of the copies."""
-        n, channels, height, width = current.shape
+    def _write_copies(self, corrupted, top, left, h, w, in_rows, in_cols, write) -> None:
+        """Copy into each block ``k`` where ``write[:, k]`` a block of the same size from the same image as it is
+        after the blocks before it (official: the source corner is drawn from [0, side - size), aligned)."""
+        batch, channels, height, width = corrupted.shape
         align = self.drop_align
-        content = torch.zeros_like(current)  # "zeros", and the default for every other kind
-        is_replaced = replaced[active]
-        is_noise = ~is_replaced & (kind[active] == _NOISE)
-        is_copy = ~is_replaced & (kind[active] == _COPY)
-        if is_noise.any():
-            count = int(is_noise.sum())
-            content[is_noise] = torch.randn(count, channels, height, width, dtype=current.dtype,
-                                            device=current.device)
-        if is_copy.any():
-            picked = torch.nonzero(is_copy).squeeze(1)
-            hp, wp = h[picked], w[picked]
-            # Source block of the same size, its corner drawn from [0, side - size) and aligned, like the official.
-            top2 = _randint_below(height - hp) // align * align
-            left2 = _randint_below(width - wp) // align * align
-            rows, cols = torch.arange(height, device=current.device), torch.arange(width, device=current.device)
-            source_rows = torch.where(in_rows[picked], rows - top[picked, None] + top2[:, None], rows)  # (k, H)
-            source_cols = torch.where(in_cols[picked], cols - left[picked, None] + left2[:, None], cols)  # (k, W)
-            flat_index = (source_rows[:, :, None] * width + source_cols[:, None, :]).flatten(1)  # (k, H * W)
-            flat_index = flat_index[:, None, :].expand(-1, channels, -1)
-            copied = current[picked].flatten(2).gather(2, flat_index)
-            content[picked] = copied.view(-1, channels, height, width)
-        if is_replaced.any():
-            picked = torch.nonzero(is_replaced).squeeze(1)
-            content[picked] = images[source[active[picked]]].to(current.dtype)
-        return content
+        top2 = _randint_below(height - h) // align * align
+        left2 = _randint_below(width - w) // align * align
+        rows, cols = torch.arange(height, device=corrupted.device), torch.arange(width, device=corrupted.device)
+        for k in range(top.shape[1]):
+            source_rows = torch.where(in_rows[:, k], rows - top[:, k, None] + top2[:, k, None], rows)  # (B, H)
+            source_cols = torch.where(in_cols[:, k], cols - left[:, k, None] + left2[:, k, None], cols)  # (B, W)
+            flat_index = (source_rows[:, :, None] * width + source_cols[:, None, :]).flatten(1)  # (B, H * W)
+            copied = corrupted.flatten(2).gather(2, flat_index[:, None, :].expand(-1, channels, -1))
+            block = in_rows[:, k, :, None] & in_cols[:, k, None, :] & write[:, k, None, None]  # (B, H, W)
+            corrupted.copy_(torch.where(block[:, None], copied.view_as(corrupted), corrupted))
 
 
 def corrupt_views(corruption: GMMLCorruption, views: list[torch.Tensor]) -> tuple[list[torch.Tensor],

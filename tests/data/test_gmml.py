@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from mobyssl.data import gmml
-from mobyssl.data.gmml import GMMLCorruption, _draw_blocks, corrupt_views, coverable_fraction
+from mobyssl.data.gmml import KINDS, GMMLCorruption, _draw_blocks, corrupt_views, coverable_fraction
 from mobyssl.errors import ConfigError
+from mobyssl.host_sync import HostSyncCounter
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,7 +63,7 @@ def coverage(mask: torch.Tensor) -> torch.Tensor:
 def test_block_positions_and_sizes_follow_the_official_law(size, align):
     torch.manual_seed(0)
     n = 100_000
-    top, left, h, w = _draw_blocks(n, size, size, align, "cpu")
+    top, left, h, w = _draw_blocks((n,), size, size, align, "cpu")
     for start, extent in ((top, h), (left, w)):
         assert (start % align == 0).all() and (extent % align == 0).all()
         assert start.min() == 0 and start.max() <= size - align - 1
@@ -81,7 +82,7 @@ def test_block_positions_and_sizes_follow_the_official_law(size, align):
 @pytest.mark.parametrize("size, align", [(32, 8), (30, 8), (8, 1), (32, 1), (40, 6), (64, 16)])
 def test_coverable_fraction_is_what_many_blocks_reach(size, align):
     torch.manual_seed(1)
-    top, left, h, w = _draw_blocks(20_000, size, size, align, "cpu")
+    top, left, h, w = _draw_blocks((20_000,), size, size, align, "cpu")
     lines = torch.arange(size)
     rows = ((lines >= top[:, None]) & (lines < (top + h)[:, None])).any(0).sum().item()
     cols = ((lines >= left[:, None]) & (lines < (left + w)[:, None])).any(0).sum().item()
@@ -196,16 +197,85 @@ def test_copy_blocks_come_from_the_same_image(align):
     assert (row[masked] == size - 2).any() or align > 1
 
 
+def sequential_reference(images, choices, blocks, corners, align):
+    """The official per-image loop (one block at a time, stop once the coverage reaches the target), fed the blocks,
+    source corners and per-image choices that the batched code drew. Noise blocks only mark the mask here."""
+    replaced, source, kind, target = choices
+    batch, _, size, _ = images.shape
+    out, masks = images.clone(), torch.zeros(batch, size, size, dtype=torch.bool)
+    for i in range(batch):
+        x, mask = out[i], masks[i]
+        for k in range(blocks[0].shape[1]):
+            if mask.sum() >= target[i]:
+                break
+            r, c, h, w = (int(b[i, k]) for b in blocks)
+            rows, cols = slice(r, min(r + h, size)), slice(c, min(c + w, size))
+            if replaced[i]:
+                x[:, rows, cols] = images[source[i], :, rows, cols]
+            elif KINDS[kind[i]] == "zeros":
+                x[:, rows, cols] = 0
+            elif KINDS[kind[i]] == "copy":
+                r2, c2 = (int(corner[i, k]) // align * align for corner in corners)
+                hh, ww = rows.stop - r, cols.stop - c
+                x[:, rows, cols] = x[:, r2:r2 + hh, c2:c2 + ww].clone()
+            mask[rows, cols] = True
+    return out, masks
+
+
+@pytest.mark.parametrize("align, chunk_elements, fractions", [
+    (1, 3 * 12 * 32 * 32, (0.7, 0.3)),
+    (4, 3 * 12 * 32 * 32, (0.5, 0.25)),  # whole targets (512 and 256 px) that 4 x 4 cells can hit exactly
+    (1, 2**26, (0.7, 0.3)),
+], ids=["pixels-3-blocks-a-round", "aligned-3-blocks-a-round", "pixels-default-rounds"])
+def test_batched_rounds_equal_the_official_loop_block_by_block(monkeypatch, align, chunk_elements, fractions):
+    """Given the same draws, the batched corruption equals the official loop image by image: the same blocks are
+    used (the stopping rule across rounds of blocks), copies read earlier blocks' output, replacements take the
+    source's clean pixels; unmasked pixels are untouched."""
+    drawn = {"blocks": [], "corners": [], "choices": None}
+
+    def spy(record, function):
+        def recorded(*args, **kwargs):
+            out = function(*args, **kwargs)
+            record(out)
+            return out
+        return recorded
+
+    monkeypatch.setattr(gmml, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(gmml, "_draw_blocks", spy(drawn["blocks"].append, gmml._draw_blocks))
+    monkeypatch.setattr(gmml, "_randint_below", spy(drawn["corners"].append, gmml._randint_below))
+    corruption = GMMLCorruption(*fractions, drop_align=align, drop_types=("zeros", "noise", "copy"))
+    monkeypatch.setattr(GMMLCorruption, "_draw_images",
+                        spy(lambda out: drawn.update(choices=out), GMMLCorruption._draw_images))
+    torch.manual_seed(21)
+    images = torch.randn(12, 3, 32, 32)
+    corrupted, mask = corruption(images)
+    if chunk_elements < 2**26:
+        assert len(drawn["blocks"]) > 3  # several rounds of 3 blocks were stitched together
+    blocks = [torch.cat([b[j] for b in drawn["blocks"]], dim=1) for j in range(4)]
+    corners = [torch.cat(drawn["corners"][j::2], dim=1) for j in range(2)]
+    expected, expected_mask = sequential_reference(images, drawn["choices"], blocks, corners, align)
+    assert torch.equal(mask, expected_mask)
+    noise = (~drawn["choices"][0] & (drawn["choices"][2] == KINDS.index("noise")))[:, None, None, None]
+    assert torch.equal(torch.where(noise & mask[:, None], 0.0, corrupted),
+                       torch.where(noise & mask[:, None], 0.0, expected))
+    kinds_seen = {KINDS[k] for k, r in zip(drawn["choices"][2].tolist(), drawn["choices"][0].tolist()) if not r}
+    assert kinds_seen == set(KINDS) and drawn["choices"][0].any()  # every path was exercised
+
+
 def test_a_copy_reads_the_image_as_corrupted_by_earlier_blocks(monkeypatch):
     # Block 1 copies (4..5, 4..5) onto (0..1, 0..1); block 2 copies (0..1, 0..1), now corrupted, onto (8..9, 8..9).
-    blocks = iter([(0, 0, 2, 2), (8, 8, 2, 2)])
-    corners = iter([4, 4, 0, 0])
+    # The round repeats the two blocks; the later ones are not used: the target is reached after block 2.
+    def scripted_blocks(shape, height, width, align, device):
+        return tuple(torch.tensor([first, second]).expand(shape[0], 2).repeat(1, shape[1])[:, :shape[1]]
+                     for first, second in ((0, 8), (0, 8), (2, 2), (2, 2)))
 
-    def scripted_blocks(n, height, width, align, device):
-        return tuple(torch.full((n,), v) for v in next(blocks))
+    corners = iter([(4, 0), (4, 0)])  # source rows, then columns, of blocks 1 and 2
+
+    def scripted_corners(upper):
+        return torch.tensor(next(corners)).expand(upper.shape[0], 2).repeat(1, upper.shape[1])[:, :upper.shape[1]]
 
     monkeypatch.setattr(gmml, "_draw_blocks", scripted_blocks)
-    monkeypatch.setattr(gmml, "_randint_below", lambda upper: torch.full_like(upper, next(corners)))
+    monkeypatch.setattr(gmml, "_randint_below", scripted_corners)
     images = torch.arange(256.0).view(1, 1, 16, 16)
     corrupted, mask = GMMLCorruption(drop_perc=0.02, drop_replace=0.0, drop_types=("copy",))(images)  # 5.12 px
     original = images[0, 0, 4:6, 4:6]
@@ -344,6 +414,44 @@ def test_runs_on_cuda():
     torch.manual_seed(17)
     again = GMMLCorruption(drop_perc=0.7, drop_replace=0.3, drop_align=4, drop_types=("zeros", "noise", "copy"))(images)
     assert torch.equal(again[0], corrupted) and torch.equal(again[1], mask)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_host_waits_once_per_round_of_blocks(monkeypatch):
+    """CUDA's own sync detector agrees with the CPU-side count: one wait per round of blocks, nothing else (no
+    pageable copies of Python lists to the device either)."""
+    import warnings
+
+    rounds = []
+    original = GMMLCorruption._add_blocks
+    monkeypatch.setattr(GMMLCorruption, "_add_blocks", lambda self, *a: rounds.append(1) or original(self, *a))
+    corruption = GMMLCorruption(drop_perc=0.7, drop_replace=0.3, drop_types=("zeros", "noise", "copy"))
+    images = torch.randn(64, 3, 224, 224, device="cuda")
+    corruption(images)  # the device constants are made once, outside the count
+    rounds.clear()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            corruption(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    waits = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(rounds) >= 1 and len(waits) == len(rounds), [str(w.message) for w in waits]
+
+
+def test_the_host_reads_from_the_device_once_per_round_of_blocks(monkeypatch):
+    """Everything else stays on the device: no ``.item()``, no boolean-mask indexing, no ``nonzero``."""
+    rounds = []
+    original = GMMLCorruption._add_blocks
+    monkeypatch.setattr(GMMLCorruption, "_add_blocks", lambda self, *a: rounds.append(1) or original(self, *a))
+    monkeypatch.setattr(gmml, "CHUNK_ELEMENTS", 4 * 16 * 32 * 32)  # rounds of 4 blocks: several rounds
+    torch.manual_seed(22)
+    images = torch.randn(16, 3, 32, 32)
+    with HostSyncCounter() as syncs:
+        GMMLCorruption(drop_perc=0.7, drop_replace=0.3, drop_types=KINDS)(images)
+    assert len(rounds) > 1 and syncs.counts == {"_local_scalar_dense": len(rounds)}
 
 
 # --------------------------------------------------------------------------- the config check and bad input
