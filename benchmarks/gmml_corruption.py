@@ -15,12 +15,11 @@ import argparse
 import datetime
 import statistics
 import time
-import warnings
 
 import torch
 
 from mobyssl.data.gmml import GMMLCorruption
-from mobyssl.host_sync import HostSyncCounter
+from mobyssl.host_sync import HostSyncCounter, cuda_syncs
 
 SETTINGS = [  # (image size, drop_align, drop_perc, kinds, which recipe)
     (32, 1, 0.5, ("zeros",), "sit_quickstart / sit_vit_small_cifar10"),
@@ -33,17 +32,6 @@ SETTINGS = [  # (image size, drop_align, drop_perc, kinds, which recipe)
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cuda_waits(corruption, images) -> int:
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            corruption(images)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def main():
@@ -71,7 +59,7 @@ def main():
                 corruption(images)
             counted = f"{waits.total}"
             if device.type == "cuda":
-                counted += f" (CUDA: {cuda_waits(corruption, images)})"
+                counted += f" (CUDA: {cuda_syncs(corruption, images)[1]})"
             times = []
             for _ in range(args.repeats):
                 sync(device)

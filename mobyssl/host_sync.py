@@ -8,6 +8,7 @@ device, so a CPU test can prove that a training-step piece never waits (see test
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import torch
@@ -57,3 +58,16 @@ class HostSyncCounter(TorchDispatchMode):
         if func in _ALWAYS_SYNC or _indexes_with_a_mask(func, args) or _repeats_without_size(func, kwargs):
             self.counts[str(func.overloadpacket.__name__)] += 1
         return func(*args, **kwargs)
+
+
+def cuda_syncs(function, *args, **kwargs) -> tuple[object, int]:
+    """``function(*args, **kwargs)`` under CUDA's own sync detector (``torch.cuda.set_sync_debug_mode``): returns its
+    result and how many times it made the host wait for the GPU. CUDA only: the detector sees nothing elsewhere."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = function(*args, **kwargs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return result, sum("synchroniz" in str(w.message) for w in caught)

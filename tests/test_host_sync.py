@@ -45,3 +45,13 @@ def test_counts_by_op_name():
         x.max().item()
         torch.nonzero(mask)
     assert syncs.counts == {"_local_scalar_dense": 2, "nonzero": 1}
+
+
+@pytest.mark.gpu
+def test_cuda_sync_detector_counts_a_read_back_and_nothing_else():
+    from mobyssl.host_sync import cuda_syncs
+
+    y = torch.arange(12.0, device="cuda")
+    assert cuda_syncs(lambda: (y + 1).sum() * 2)[1] == 0
+    value, waits = cuda_syncs(lambda: y.sum().item())
+    assert value == 66.0 and waits >= 1
