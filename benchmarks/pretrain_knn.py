@@ -69,7 +69,7 @@ def main() -> None:
         seed_everything(cfg.train.seed)
         random_net = build_backbone(big).to(device)
         trained_net = build_backbone(big).to(device)
-        path = os.path.join(out, "checkpoint.pth")
+        path = os.path.join(cfg.output_dir, "checkpoint.pth")  # an output_dir override wins over the temporary one
         load_backbone_weights(trained_net, backbone_state_dict(load_checkpoint(path), path), path)
         amp = resolve_amp(cfg.train.amp, device)
         extra = {"path": args.extra_test, "images": count_test_images(big),

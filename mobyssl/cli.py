@@ -247,6 +247,19 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _evaluated_network(cfg: dict) -> str:
+    """The network of a pre-training checkpoint that evaluations read, in words: "moby encoder", "dino teacher"."""
+    from .errors import ConfigError
+    from .methods import get_method
+
+    name = cfg.get("method", {}).get("name", "?")
+    try:
+        key = get_method(name).backbone_key
+    except ConfigError:  # an unknown method name: the layout check that follows names the problem
+        return f"{name} method"
+    return f"{name} {'online encoder' if key == 'encoder' else key}"
+
+
 def _describe_checkpoint(state: dict, path: str) -> str:
     """Which network a report is about: the file, its step and architecture."""
     from .models.layouts import published_backbone
@@ -257,7 +270,7 @@ def _describe_checkpoint(state: dict, path: str) -> str:
     cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
     backbone = cfg.get("model", {}).get("backbone")
     parts = [f"step {state['global_step']}" if "global_step" in state else "an exported backbone",
-             f"{cfg.get('method', {}).get('name', '?')} online encoder" if "method" in state else None, backbone]
+             _evaluated_network(cfg) if "method" in state else None, backbone]
     return f"checkpoint {path} ({', '.join(p for p in parts if p)})"
 
 

@@ -35,10 +35,12 @@ def test_speedrun_smoke(tiny_overrides, sizing):
     assert "(epoch " in rows[0].split("|")[-2]  # the in-run k-NN curve
 
 
-def test_pretrain_knn_smoke(tiny_overrides):
-    # --extra-test with the bundled train sample as a second, larger labelled set (1,000 images, not 500).
+def test_pretrain_knn_smoke(tiny_overrides, tmp_path):
+    # --extra-test with the bundled train sample as a second, larger labelled set (1,000 images, not 500); the run
+    # goes where output_dir says, and the trained backbone is read from there.
     out = _run("pretrain_knn.py", "--extra-test", "bundled:cifar10-sample-train", *tiny_overrides,
-               "train.max_steps=2")
+               "train.max_steps=2", f"output_dir={tmp_path / 'run'}")
+    assert (tmp_path / "run" / "checkpoint.pth").exists()
     assert "random init -> trained" in out and '"trained"' in out
     assert "on the 500 test images" in out and "on the 1000 images of bundled:cifar10-sample-train" in out
 

@@ -621,3 +621,13 @@ def test_export_mmdet_and_mmseg_are_names_of_the_openmmlab_layout(capsys, tmp_pa
         assert json.loads(out.with_suffix(".json").read_text())["format"] == "openmmlab"
     assert files["mmdet"].keys() == files["mmseg"].keys() == files["openmmlab"].keys()
     assert all(torch.equal(files["mmdet"][k], files["openmmlab"][k]) for k in files["openmmlab"])
+
+
+def test_reports_name_the_network_each_method_evaluates():
+    from mobyssl.cli import _evaluated_network
+
+    assert _evaluated_network({"method": {"name": "moby"}}) == "moby online encoder"
+    assert _evaluated_network({"method": {"name": "mocov3"}}) == "mocov3 online encoder"
+    assert _evaluated_network({"method": {"name": "sit"}}) == "sit teacher"
+    assert _evaluated_network({"method": {"name": "dino"}}) == "dino teacher"
+    assert _evaluated_network({"method": {"name": "nope"}}) == "nope method"
