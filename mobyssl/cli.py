@@ -159,12 +159,16 @@ def make_parser() -> argparse.ArgumentParser:
     desc = ("pictures of a backbone: the last block's CLS attention per head (ViTs), the first three principal "
             "components of its token features as colours, nearest neighbours, and a run's training curves")
     p = _add_backbone_command(sub, "visualize", desc, "to draw", "draw a randomly initialised backbone")
-    p.add_argument("--run", metavar="DIR", help="a pre-training run folder: draws its training curves "
-                   "(metrics.jsonl) and, without --checkpoint, its newest checkpoint")
+    # Under torchrun write --run-dir and --number: torchrun's own parser takes --run and --num as abbreviations of
+    # its --run-path and --numa-binding, even after the module name.
+    p.add_argument("--run", "--run-dir", dest="run", metavar="DIR", help="a pre-training run folder: draws its "
+                   "training curves (metrics.jsonl) and, without --checkpoint, its newest checkpoint (--run-dir "
+                   "under torchrun)")
     p.add_argument("--out", required=True, metavar="DIR", help="new or empty folder for the PNG files")
     p.add_argument("--images", nargs="+", metavar="PATH", help="image files to draw (default: the first --num "
                    "images of data.test)")
-    p.add_argument("--num", type=int, default=8, metavar="N", help="images of data.test to draw (default: 8)")
+    p.add_argument("--num", "--number", dest="num", type=int, default=8, metavar="N",
+                   help="images of data.test to draw (default: 8; --number under torchrun)")
     p.add_argument("--k", type=int, default=0, metavar="K", help="also a retrieval grid: each image's K nearest "
                    "neighbours in data.eval_train (or data.train), by cosine similarity of the pooled features")
     p.add_argument("--threshold", type=float, metavar="T", help="also masks keeping the patches that hold "

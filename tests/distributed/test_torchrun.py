@@ -91,6 +91,14 @@ def test_distributed_fewshot_correspondence_and_finetune(tmp_path, tiny_override
     assert "epoch 1/1: top-1" in out and "batch 64" in out
     records = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["type"] == "eval"] == [1]  # rank 0 alone writes
+    # visualize: rank 0 draws, the other process ends without touching --out (no race for the files).
+    # (--run-dir and --number: torchrun's parser would take --run and --num for its --run-path and --numa-binding.)
+    out = _torchrun("visualize", "--run-dir", str(run), "--number", "2", "--k", "3", "--out",
+                    str(tmp_path / "pictures"), cwd=tmp_path)
+    assert main(["visualize", "--run", str(run), "--num", "2", "--k", "3", "--out", str(tmp_path / "pictures1")]) == 0
+    drawn = sorted(p.name for p in (tmp_path / "pictures").iterdir())
+    assert out.count("wrote ") == 1 and drawn == sorted(p.name for p in (tmp_path / "pictures1").iterdir())
+    assert "curves.png" in drawn and len(drawn) >= 4
 
 
 def test_torchrun_streams_each_process_its_own_shards(tmp_path, tiny_overrides):

@@ -130,6 +130,43 @@ def test_a_stopped_run_resumed_ends_where_an_uninterrupted_one_does(tiny_cfg, tm
     assert main(["knn", "--checkpoint", str(tmp_path / "ref" / "checkpoint.pth"), "knn.k=[5]"]) == 0
 
 
+@pytest.mark.slow
+def test_bf16_and_compiled_fine_tunes_follow_the_eager_float32_one(tiny_cfg, tmp_path, monkeypatch):
+    """``train.amp=bf16`` runs every Linear of the backbone and the new head in bf16 (none without it);
+    ``train.compile=true`` gives the eager losses up to float rounding; all finish an epoch with finite losses."""
+    linear_dtypes = []
+    real_init = ft.Classifier.__init__
+
+    def init_with_hooks(self, backbone, num_classes):
+        real_init(self, backbone, num_classes)
+        for module in self.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda m, args, out: linear_dtypes.append(out.dtype))
+
+    from torch._dynamo.utils import counters
+
+    losses, dtypes = {}, {}
+    for name, amp, overrides in (("eager", None, []), ("bf16", torch.bfloat16, []),
+                                 ("compiled", None, ["train.compile=true"])):
+        monkeypatch.setattr(ft.Classifier, "__init__", init_with_hooks if name != "compiled" else real_init)
+        linear_dtypes.clear()
+        cfg = tiny_cfg(*FAST, "finetune.epochs=1", *overrides)
+        torch.manual_seed(0)
+        backbone = build_backbone(cfg, drop_path_rate=cfg.finetune.drop_path)
+        torch._dynamo.reset()
+        counters["frames"].clear()
+        result = ft.finetune(cfg, backbone, tmp_path / name, torch.device("cpu"), amp_dtype=amp, log=lambda *a: None)
+        assert (counters["frames"]["ok"] > 0) == (name == "compiled")  # dynamo compiled the step, and only then
+        assert 0 <= result["top1"] <= 100
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in records if r["type"] == "train"]
+        dtypes[name] = set(linear_dtypes)
+        assert len(losses[name]) >= 3 and all(np.isfinite(losses[name])), losses[name]
+    assert dtypes == {"eager": {torch.float32}, "bf16": {torch.bfloat16}, "compiled": set()}
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
+    assert losses["bf16"][0] == pytest.approx(losses["eager"][0], rel=2e-2) and losses["bf16"] != losses["eager"]
+
+
 def test_unlabelled_training_images_are_refused_naming_the_key(tiny_cfg, tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
