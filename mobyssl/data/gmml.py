@@ -40,7 +40,7 @@ MAX_ROUNDS = 100_000  # guard against a target that cannot be reached; check() m
 # Blocks drawn per image at once: as many as fit CHUNK_ELEMENTS (B x chunk x H x W bytes), at most MAX_CHUNK. The
 # recipes need 20-40 blocks per image, so at 32 px one round of blocks is enough and at 224 px (batch 64) two or three.
 CHUNK_ELEMENTS = 2**26
-MAX_CHUNK = 64
+MAX_CHUNK = 64  # at most 255: a block's index within its round is held in uint8
 
 _ZEROS, _NOISE, _COPY = range(3)
 
