@@ -236,25 +236,25 @@ class GMMLCorruption:
         col_key = torch.where(in_cols, order, count)
         first = torch.maximum(row_key[..., None], col_key[:, :, None, :]).amin(dim=1)  # (B, H, W)
         first = torch.where(mask, count, first)
+        index = first.flatten(1).long()
         new_pixels = torch.zeros(batch, count + 1, dtype=torch.float64, device=device)
-        new_pixels.scatter_add_(1, first.flatten(1).long(), torch.ones_like(first.flatten(1), dtype=torch.float64))
+        new_pixels.scatter_add_(1, index, new_pixels.new_ones(()).expand(index.shape))  # no (B, H * W) ones
         after = covered[:, None] + new_pixels[:, :count].cumsum(1)  # coverage after each block, (B, count)
         before = torch.cat([covered[:, None], after[:, :-1]], dim=1)
         used = before < target[:, None]  # the stopping rule: a block is added while the target is not reached
         n_used = used.sum(1)
         mask |= first < n_used[:, None, None]
         if "copy" in self.drop_types:
-            self._write_copies(corrupted, top, left, h, w, in_rows, in_cols, used & is_copy[:, None])
+            self._write_copies(corrupted, rows, cols, top, left, h, w, in_rows, in_cols, used & is_copy[:, None])
         return torch.where(n_used > 0, after.gather(1, (n_used - 1).clamp(min=0)[:, None])[:, 0], covered)
 
-    def _write_copies(self, corrupted, top, left, h, w, in_rows, in_cols, write) -> None:
+    def _write_copies(self, corrupted, rows, cols, top, left, h, w, in_rows, in_cols, write) -> None:
         """Copy into each block ``k`` where ``write[:, k]`` a block of the same size from the same image as it is
         after the blocks before it (official: the source corner is drawn from [0, side - size), aligned)."""
         batch, channels, height, width = corrupted.shape
         align = self.drop_align
         top2 = _randint_below(height - h) // align * align
         left2 = _randint_below(width - w) // align * align
-        rows, cols = torch.arange(height, device=corrupted.device), torch.arange(width, device=corrupted.device)
         for k in range(top.shape[1]):
             source_rows = torch.where(in_rows[:, k], rows - top[:, k, None] + top2[:, k, None], rows)  # (B, H)
             source_cols = torch.where(in_cols[:, k], cols - left[:, k, None] + left2[:, k, None], cols)  # (B, W)
